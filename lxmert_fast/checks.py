@@ -1,0 +1,71 @@
+"""Argument checks shared by the ops and the models.
+
+Every failure names the argument and says what was expected and what was given (shape,
+dtype, device), so a wrong call stops at the boundary instead of failing deep in a kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    last_dim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    floating: bool = False,
+    integer: bool = False,
+) -> torch.Tensor:
+    """Check one tensor argument; return it unchanged."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got {describe(t)}")
+    if last_dim is not None and t.shape[-1] != last_dim:
+        raise ValueError(f"{name}: expected last dimension {last_dim}, got {describe(t)}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {describe(t)}")
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise TypeError(f"{name}: expected an integer tensor (token ids), got {describe(t)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({allowed}), got {describe(t)}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> torch.Tensor:
+    """Check ``t.shape`` against ``expected``, where ``None`` matches any size."""
+    ok = t.dim() == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, t.shape, strict=False)
+    )
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name}: expected shape {want}, got {describe(t)}")
+    return t
+
+
+def check_same_device(names_and_tensors: Sequence[tuple[str, torch.Tensor | None]]) -> None:
+    present = [(n, t) for n, t in names_and_tensors if t is not None]
+    if not present:
+        return
+    first_name, first = present[0]
+    for name, t in present[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected device {first.device} (as {first_name}), got {describe(t)}")
+
+
+def check_probability(name: str, p: float) -> float:
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1], got {p}")
+    return float(p)

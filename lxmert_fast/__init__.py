@@ -1,5 +1,38 @@
-"""lxmert_fast: LXMERT with fused kernels, exact checkpoint compatibility and ZeRO pre-training."""
+"""lxmert_fast: LXMERT with fused kernels, exact checkpoint compatibility and ZeRO pre-training.
+
+Quick use::
+
+    import lxmert_fast
+    model = lxmert_fast.LxmertForPreTraining.from_pretrained("path/to/dir_or_Epoch20_LXRT.pth")
+    out = model(input_ids, visual_feats=feats, visual_pos=boxes, attention_mask=mask)
+"""
 
 from lxmert_fast.backend import BackendUnavailableError, current_backend, set_backend, use_backend
+from lxmert_fast.checkpoint import CheckpointError, load_state_dict_strict, save_pretrained
+from lxmert_fast.config import LxmertConfig
+from lxmert_fast.layers import CrossLayer, replace_cross_layers
+from lxmert_fast.modeling import (
+    LxmertForPreTraining,
+    LxmertForQuestionAnswering,
+    LxmertModel,
+    LxmertPreTrainedModel,
+)
 
-__all__ = ["BackendUnavailableError", "current_backend", "set_backend", "use_backend"]
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CheckpointError",
+    "CrossLayer",
+    "LxmertConfig",
+    "LxmertForPreTraining",
+    "LxmertForQuestionAnswering",
+    "LxmertModel",
+    "LxmertPreTrainedModel",
+    "current_backend",
+    "load_state_dict_strict",
+    "replace_cross_layers",
+    "save_pretrained",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,249 @@
+"""Checkpoint formats: transformers directories and the authors' ``.pth`` files.
+
+Read:
+
+* a transformers directory: ``config.json`` + ``model.safetensors`` (or a sharded
+  ``model.safetensors.index.json``, or ``pytorch_model.bin``);
+* the authors' pre-training checkpoints (``Epoch20_LXRT.pth``, ``model_LXRT.pth``): the
+  transformers names with ``module.`` in front (DataParallel) and ``bert.`` for ``lxmert.``;
+* the authors' fine-tuned task checkpoints (``BEST.pth`` of VQA/GQA/NLVR2):
+  ``lxrt_encoder.model.bert.`` for ``lxmert.`` and ``logit_fc.`` for ``answer_head.logit_fc.``.
+
+Loading is strict: every missing, unexpected or mis-shaped key is reported in one
+:class:`CheckpointError` — a silent partial load (the most reported failure of the
+original code) is never possible. The one exception is deliberate and explicit: a model
+without heads (:class:`~lxmert_fast.LxmertModel`) takes the backbone of a checkpoint that
+has heads, and ``backbone_only=True`` starts a model's heads fresh (fine-tuning from
+pre-trained weights, as the authors do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from lxmert_fast.config import CONFIG_NAME, LxmertConfig
+
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+PYTORCH_NAME = "pytorch_model.bin"
+TIED_DECODER = "cls.predictions.decoder.weight"
+TIED_SOURCE = "lxmert.embeddings.word_embeddings.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+
+_AUTHORS_PREFIXES = (
+    ("lxrt_encoder.model.bert.", "lxmert."),
+    ("bert.", "lxmert."),
+    ("logit_fc.", "answer_head.logit_fc."),
+)
+
+
+def _rename_authors_key(key: str) -> str:
+    # DataParallel inserts "module." at any depth (whole model, or lxrt_encoder.model).
+    key = re.sub(r"(^|\.)module\.", r"\1", key)
+    # Early BERT checkpoints name LayerNorm parameters gamma/beta.
+    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+    for old, new in _AUTHORS_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def to_hf_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers names for a state dict in any supported layout (authors' or transformers')."""
+    return {_rename_authors_key(k): v for k, v in state_dict.items()}
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> LxmertConfig:
+    """Architecture sizes read off a transformers-named state dict (for configless ``.pth`` files).
+
+    The number of heads cannot be read off the weights; LXMERT uses heads of 64 features,
+    so ``hidden_size // 64`` is assumed unless ``num_attention_heads`` is given.
+    """
+    prefix = "lxmert." if any(k.startswith("lxmert.") for k in state_dict) else ""
+
+    def get(name: str) -> torch.Tensor:
+        key = prefix + name
+        if key not in state_dict:
+            raise CheckpointError(f"cannot infer the architecture: key {key!r} is missing")
+        return state_dict[key]
+
+    def count(pattern: str) -> int:
+        regex = re.compile(re.escape(prefix) + pattern)
+        return len({m.group(1) for k in state_dict if (m := regex.match(k))})
+
+    vocab_size, hidden = get("embeddings.word_embeddings.weight").shape
+    values: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "num_attention_heads": max(hidden // 64, 1),
+        "max_position_embeddings": get("embeddings.position_embeddings.weight").shape[0],
+        "type_vocab_size": get("embeddings.token_type_embeddings.weight").shape[0],
+        "visual_feat_dim": get("encoder.visn_fc.visn_fc.weight").shape[1],
+        "visual_pos_dim": get("encoder.visn_fc.box_fc.weight").shape[1],
+        "l_layers": count(r"encoder\.layer\.(\d+)\."),
+        "x_layers": count(r"encoder\.x_layers\.(\d+)\."),
+        "r_layers": count(r"encoder\.r_layers\.(\d+)\."),
+    }
+    ffn = [
+        v
+        for k, v in state_dict.items()
+        if k.endswith("intermediate.dense.weight") or k.endswith("_inter.dense.weight")
+    ]
+    if ffn:
+        values["intermediate_size"] = ffn[0].shape[0]
+    if "answer_head.logit_fc.3.weight" in state_dict:
+        values["num_qa_labels"] = state_dict["answer_head.logit_fc.3.weight"].shape[0]
+    values["task_qa"] = "answer_head.logit_fc.3.weight" in state_dict
+    decoders = {
+        "obj": ("num_object_labels", "visual_obj_loss"),
+        "attr": ("num_attr_labels", "visual_attr_loss"),
+        "feat": ("visual_feat_dim", "visual_feat_loss"),
+    }
+    has_obj_head = any(k.startswith("obj_predict_head.") for k in state_dict)
+    values["task_obj_predict"] = has_obj_head
+    for key, (size_field, flag) in decoders.items():
+        weight = state_dict.get(f"obj_predict_head.decoder_dict.{key}.weight")
+        if weight is not None:
+            values[size_field] = weight.shape[0]
+        if has_obj_head:
+            values[flag] = weight is not None
+    values.update(overrides)
+    return LxmertConfig(**values)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``) or directory."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME):
+            if os.path.exists(os.path.join(path, name)):
+                return read_state_dict(os.path.join(path, name))
+        raise FileNotFoundError(
+            f"{path}: no weights found; expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {PYTORCH_NAME}"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if path.endswith(".index.json"):
+        with open(path, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        merged: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            merged.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
+        return merged
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(loaded).__name__}")
+    return loaded
+
+
+def _fit_to_model(model: nn.Module, state_dict: dict[str, torch.Tensor], backbone_only: bool) -> dict:
+    own = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", "lxmert")
+    has_prefix = any(k.startswith(prefix + ".") for k in state_dict)
+    wants_prefix = any(k.startswith(prefix + ".") for k in own)
+    if has_prefix and not wants_prefix:
+        # A backbone takes the backbone of a model with heads; the heads are not its business.
+        state_dict = {k[len(prefix) + 1 :]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+    elif wants_prefix and not has_prefix:
+        state_dict = {f"{prefix}.{k}": v for k, v in state_dict.items()}
+    if backbone_only and wants_prefix:
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+        own = {k: v for k, v in own.items() if k.startswith(prefix + ".")}
+
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False) and TIED_DECODER in own
+    both_present = TIED_DECODER in state_dict and TIED_SOURCE in state_dict
+    if tied and both_present and not torch.equal(state_dict[TIED_DECODER], state_dict[TIED_SOURCE]):
+        raise CheckpointError(
+            f"{TIED_DECODER} differs from {TIED_SOURCE}, but the config ties them (tie_word_embeddings=True)"
+        )
+    expected = set(own) - ({TIED_DECODER} if tied and TIED_DECODER not in state_dict else set())
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(state_dict) & set(own)
+        if state_dict[k].shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {title} key(s):\n  " + "\n  ".join(keys))
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}:\n" + "\n".join(parts))
+    return state_dict
+
+
+def load_state_dict_strict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], backbone_only: bool = False
+) -> None:
+    """Load a state dict in any supported naming into ``model``, strictly (see module docs)."""
+    fitted = _fit_to_model(model, to_hf_names(state_dict), backbone_only)
+    model.load_state_dict(fitted, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def load_pretrained(
+    cls: type,
+    path: str | os.PathLike,
+    config: LxmertConfig | None = None,
+    backbone_only: bool = False,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Build ``cls`` and load the checkpoint at ``path`` (directory or weights file).
+
+    The config comes from ``config``, else ``config.json`` in the directory (or next to the
+    file), else it is inferred from the weights (the authors' ``.pth`` files carry none).
+    """
+    path = os.fspath(path)
+    state_dict = to_hf_names(read_state_dict(path))
+    if config is None:
+        config_dir = path if os.path.isdir(path) else os.path.dirname(path)
+        config_file = os.path.join(config_dir, CONFIG_NAME)
+        config = (
+            LxmertConfig.from_json_file(config_file)
+            if os.path.exists(config_file)
+            else infer_config(state_dict)
+        )
+    model = cls(config)
+    load_state_dict_strict(model, state_dict, backbone_only=backbone_only)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
+    """``config.json`` + ``model.safetensors`` loadable by transformers' ``from_pretrained``.
+
+    The tied MLM decoder weight is left out (safetensors stores no aliases); both libraries
+    re-tie it from the word embeddings on load.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    config: LxmertConfig = model.config
+    config_dict = config.to_dict()
+    config_dict["architectures"] = [type(model).__name__]
+    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+        f.write("\n")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings and TIED_DECODER in tensors:
+        del tensors[TIED_DECODER]
+    save_file(tensors, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})

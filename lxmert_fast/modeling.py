@@ -1,0 +1,590 @@
+"""LXMERT models: backbone, pre-training heads and losses, question answering.
+
+Module tree, parameter names, output tuples and numerics follow transformers'
+``modeling_lxmert`` (eval-mode outputs agree within 1e-5 in fp32), so a transformers
+state dict loads with ``strict=True`` and ours loads back into transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lxmert_fast.checks import check_shape, check_tensor, describe
+from lxmert_fast.config import LAYER_NORM_EPS, LxmertConfig
+from lxmert_fast.layers import CrossLayer, Layer, VisualFeatureEncoder, mask_to_bias
+from lxmert_fast.outputs import (
+    LxmertForPreTrainingOutput,
+    LxmertForQuestionAnsweringOutput,
+    LxmertModelOutput,
+)
+
+Tensor = torch.Tensor
+
+# Slack for boxes computed as pixel / image size in low precision.
+BOX_RANGE_TOLERANCE = 1e-4
+
+
+class Embeddings(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout (transformers' ``LxmertEmbeddings``)."""
+
+    def __init__(self, config: LxmertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(
+            config.max_position_embeddings, config.hidden_size, padding_idx=0
+        )
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self, input_ids: Tensor | None, token_type_ids: Tensor, inputs_embeds: Tensor | None
+    ) -> Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        embeddings = (
+            inputs_embeds
+            + self.position_embeddings(positions)[None]
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class Encoder(nn.Module):
+    """Visual embedding, language layers, object (relational) layers, cross-modality layers."""
+
+    def __init__(self, config: LxmertConfig) -> None:
+        super().__init__()
+        self.visn_fc = VisualFeatureEncoder(config)
+        self.layer = nn.ModuleList([Layer(config) for _ in range(config.l_layers)])
+        self.x_layers = nn.ModuleList([CrossLayer(config) for _ in range(config.x_layers)])
+        self.r_layers = nn.ModuleList([Layer(config) for _ in range(config.r_layers)])
+
+    def forward(
+        self,
+        lang: Tensor,
+        lang_bias: Tensor | None,
+        visual_feats: Tensor,
+        visual_pos: Tensor,
+        visual_bias: Tensor | None,
+        need_probs: bool,
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], tuple[Tensor, ...], tuple, tuple, tuple]:
+        """Returns (language output, vision output, language states, vision states, language
+        probs, vision probs, cross probs); each states tuple holds one entry per single-stream
+        layer, then one per cross layer (transformers' order)."""
+        visual = self.visn_fc(visual_feats, visual_pos)
+        lang_states, visual_states, lang_probs, visual_probs, cross_probs = [], [], [], [], []
+        for layer in self.layer:
+            lang, probs = layer(lang, lang_bias, need_probs)
+            lang_states.append(lang)
+            lang_probs.append(probs)
+        for layer in self.r_layers:
+            visual, probs = layer(visual, visual_bias, need_probs)
+            visual_states.append(visual)
+            visual_probs.append(probs)
+        for layer in self.x_layers:
+            lang, visual, probs = layer.forward_biases(lang, lang_bias, visual, visual_bias, need_probs)
+            lang_states.append(lang)
+            visual_states.append(visual)
+            cross_probs.append(probs)
+        states = (tuple(lang_states), tuple(visual_states))
+        return lang, visual, *states, tuple(lang_probs), tuple(visual_probs), tuple(cross_probs)
+
+
+class Pooler(nn.Module):
+    def __init__(self, config: LxmertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+class PredictionHeadTransform(nn.Module):
+    def __init__(self, config: LxmertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.LayerNorm(F.gelu(self.dense(hidden_states)))
+
+
+class LMPredictionHead(nn.Module):
+    """Masked-LM head: transform, decoder tied to the word embeddings, separate bias."""
+
+    def __init__(self, config: LxmertConfig) -> None:
+        super().__init__()
+        self.transform = PredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.decoder(self.transform(hidden_states)) + self.bias
+
+
+class PreTrainingHeads(nn.Module):
+    def __init__(self, config: LxmertConfig) -> None:
+        super().__init__()
+        self.predictions = LMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+def visual_loss_specs(config: LxmertConfig) -> dict[str, int]:
+    """The visual pre-training outputs enabled by ``config`` and their widths, in transformers' order."""
+    specs = {}
+    if config.visual_obj_loss:
+        specs["obj"] = config.num_object_labels
+    if config.visual_attr_loss:
+        specs["attr"] = config.num_attr_labels
+    if config.visual_feat_loss:
+        specs["feat"] = config.visual_feat_dim
+    return specs
+
+
+class VisualObjHead(nn.Module):
+    """Object, attribute and feature predictions on every vision token (shared transform)."""
+
+    def __init__(self, config: LxmertConfig) -> None:
+        super().__init__()
+        self.transform = PredictionHeadTransform(config)
+        self.decoder_dict = nn.ModuleDict(
+            {key: nn.Linear(config.hidden_size, width) for key, width in visual_loss_specs(config).items()}
+        )
+
+    def forward(self, hidden_states: Tensor) -> dict[str, Tensor]:
+        hidden_states = self.transform(hidden_states)
+        return {key: decoder(hidden_states) for key, decoder in self.decoder_dict.items()}
+
+
+class GeLU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x)
+
+
+class VisualAnswerHead(nn.Module):
+    """QA head: hidden -> 2*hidden -> GELU -> LayerNorm -> answers."""
+
+    def __init__(self, config: LxmertConfig, num_labels: int) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.logit_fc = nn.Sequential(
+            nn.Linear(hidden, hidden * 2),
+            GeLU(),
+            nn.LayerNorm(hidden * 2, eps=LAYER_NORM_EPS),
+            nn.Linear(hidden * 2, num_labels),
+        )
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.logit_fc(hidden_states)
+
+
+class LxmertPreTrainedModel(nn.Module):
+    """Weight initialisation and checkpoint I/O shared by the LXMERT models."""
+
+    base_model_prefix = "lxmert"
+
+    def __init__(self, config: LxmertConfig | Any) -> None:
+        super().__init__()
+        self.config = LxmertConfig.from_hf(config)
+
+    def init_weights(self, modules: list[nn.Module] | None = None) -> None:
+        """transformers' initialisation of ``modules`` (default: the whole model): N(0,
+        initializer_range) weights, zero biases, unit LayerNorms; then re-tie weights."""
+        std = self.config.initializer_range
+        for module in (m for root in (modules or [self]) for m in root.modules()):
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, LMPredictionHead):
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Point output embeddings at the input embeddings where the model has and wants them tied."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        """Distinct trainable parameters (tied weights counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config: LxmertConfig | None = None, **kwargs: Any):
+        """Load a transformers directory or an authors' ``.pth``; see :func:`lxmert_fast.checkpoint.load_pretrained`."""
+        from lxmert_fast.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, config=config, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads."""
+        from lxmert_fast.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+class LxmertModel(LxmertPreTrainedModel):
+    """The LXMERT backbone: returns language output, vision output and the pooled [CLS].
+
+    Inputs are checked at the boundary: ranks, widths, dtypes, batch sizes and mask lengths
+    must agree, token ids must be in the vocabulary, and boxes must be normalised to
+    [0, 1] (x1/w, y1/h, x2/w, y2/h) — pixel boxes silently ruin a pre-trained model, so out-of-range boxes
+    raise. Set ``check_inputs = False`` to skip the value checks (each costs a device sync).
+    """
+
+    def __init__(self, config: LxmertConfig | Any) -> None:
+        super().__init__(config)
+        self.embeddings = Embeddings(self.config)
+        self.encoder = Encoder(self.config)
+        self.pooler = Pooler(self.config)
+        self.check_inputs = True
+        self.init_weights()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def _check(
+        self,
+        input_ids: Tensor | None,
+        visual_feats: Tensor | None,
+        visual_pos: Tensor | None,
+        attention_mask: Tensor | None,
+        visual_attention_mask: Tensor | None,
+        token_type_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+    ) -> None:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids / inputs_embeds: pass exactly one of them")
+        if input_ids is not None:
+            check_tensor("input_ids", input_ids, ndim=2, integer=True)
+            batch, length = input_ids.shape
+        else:
+            check_tensor("inputs_embeds", inputs_embeds, ndim=3, last_dim=cfg.hidden_size, floating=True)
+            batch, length = inputs_embeds.shape[:2]
+        if length > cfg.max_position_embeddings:
+            raise ValueError(
+                f"input_ids: sequence length {length} exceeds max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        if visual_feats is None or visual_pos is None:
+            raise ValueError(
+                "visual_feats / visual_pos: both are required (RoI features and normalised boxes)"
+            )
+        check_tensor("visual_feats", visual_feats, ndim=3, last_dim=cfg.visual_feat_dim, floating=True)
+        check_tensor("visual_pos", visual_pos, ndim=3, last_dim=cfg.visual_pos_dim, floating=True)
+        if visual_feats.shape[0] != batch:
+            raise ValueError(
+                f"visual_feats: expected batch size {batch} (as the language input), got {describe(visual_feats)}"
+            )
+        num_boxes = visual_feats.shape[1]
+        check_shape("visual_pos", visual_pos, (batch, num_boxes, cfg.visual_pos_dim))
+        if attention_mask is not None:
+            check_shape("attention_mask", attention_mask, (batch, length))
+        if token_type_ids is not None:
+            check_tensor("token_type_ids", token_type_ids, integer=True)
+            check_shape("token_type_ids", token_type_ids, (batch, length))
+        if visual_attention_mask is not None:
+            check_shape("visual_attention_mask", visual_attention_mask, (batch, num_boxes))
+        if not self.check_inputs or torch.compiler.is_compiling():
+            return
+        if input_ids is not None and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(
+                    f"input_ids: expected ids in [0, {cfg.vocab_size}), got values in [{lo}, {hi}]"
+                )
+        if token_type_ids is not None and token_type_ids.numel():
+            lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
+            if lo < 0 or hi >= cfg.type_vocab_size:
+                raise ValueError(
+                    f"token_type_ids: expected values in [0, {cfg.type_vocab_size}), got [{lo}, {hi}]"
+                )
+        if visual_pos.numel():
+            lo, hi = float(visual_pos.min()), float(visual_pos.max())
+            if lo < -BOX_RANGE_TOLERANCE or hi > 1 + BOX_RANGE_TOLERANCE:
+                raise ValueError(
+                    f"visual_pos: expected boxes normalised to [0, 1] (x1/w, y1/h, x2/w, y2/h), got values in "
+                    f"[{lo:.4g}, {hi:.4g}]; divide pixel boxes by (w, h, w, h) of the image"
+                )
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        visual_feats: Tensor | None = None,
+        visual_pos: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> LxmertModelOutput | tuple:
+        cfg = self.config
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        self._check(
+            input_ids,
+            visual_feats,
+            visual_pos,
+            attention_mask,
+            visual_attention_mask,
+            token_type_ids,
+            inputs_embeds,
+        )
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = visual_feats.device
+        if token_type_ids is None:
+            token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
+        if attention_mask is None:
+            attention_mask = torch.ones(shape, device=device)
+
+        dtype = self.dtype
+        lang = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        lang_out, visual_out, lang_states, visual_states, lang_probs, visual_probs, cross_probs = (
+            self.encoder(
+                lang,
+                mask_to_bias(attention_mask, dtype),
+                visual_feats.to(dtype),
+                visual_pos.to(dtype),
+                mask_to_bias(visual_attention_mask, dtype),
+                bool(output_attentions),
+            )
+        )
+        out = LxmertModelOutput(
+            language_output=lang_out,
+            vision_output=visual_out,
+            pooled_output=self.pooler(lang_out),
+            language_hidden_states=lang_states if output_hidden_states else None,
+            vision_hidden_states=visual_states if output_hidden_states else None,
+            language_attentions=lang_probs if output_attentions else None,
+            vision_attentions=visual_probs if output_attentions else None,
+            cross_encoder_attentions=cross_probs if output_attentions else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over labels >= 0; negative labels are ignored.
+
+    Accepts both ignore conventions (the authors' -1, transformers' -100). With no valid
+    label the loss is 0, not NaN, and no device sync is needed to find out.
+    """
+    labels = labels.reshape(-1)
+    valid = labels >= 0
+    summed = F.cross_entropy(
+        logits.reshape(labels.shape[0], -1), labels.masked_fill(~valid, -100), reduction="sum"
+    )
+    return summed / valid.sum().clamp(min=1)
+
+
+class LxmertForPreTraining(LxmertPreTrainedModel):
+    """LXMERT with every pre-training head and the six losses of the paper.
+
+    Losses (each returned in ``output.losses``, their sum in ``output.loss``):
+
+    * ``mlm``: masked-LM cross-entropy over tokens with ``labels >= 0``;
+    * ``matched``: image–sentence matching cross-entropy (``matched_label`` 1 = match);
+    * ``obj`` / ``attr``: object / attribute cross-entropy on every vision token, each
+      weighted by ``obj_labels[key][1]`` (the authors pass the detector confidence), mean
+      over all tokens, times ``visual_loss_normalizer``;
+    * ``feat``: smooth-L1 feature regression, mean over feature dims, weighted by
+      ``obj_labels["feat"][1]`` (the mask of corrupted objects), mean, times the normaliser;
+    * ``qa``: answer cross-entropy over ``ans >= 0`` (unmatched pairs carry -1).
+
+    The authors scale visual losses by exactly 1/0.15; transformers' default
+    ``visual_loss_normalizer`` is 6.67. Set it to ``1 / 0.15`` for the authors' numbers.
+    """
+
+    def __init__(self, config: LxmertConfig | Any) -> None:
+        super().__init__(config)
+        cfg = self.config
+        self.lxmert = LxmertModel(cfg)
+        self.cls = PreTrainingHeads(cfg)
+        if cfg.task_obj_predict:
+            self.obj_predict_head = VisualObjHead(cfg)
+        if cfg.task_qa:
+            self.answer_head = VisualAnswerHead(cfg, cfg.num_qa_labels)
+        self.init_weights([m for name, m in self.named_children() if name != "lxmert"])
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.cls.predictions.decoder.weight = self.lxmert.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        visual_feats: Tensor | None = None,
+        visual_pos: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        obj_labels: dict[str, tuple[Tensor, Tensor]] | None = None,
+        matched_label: Tensor | None = None,
+        ans: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> LxmertForPreTrainingOutput | tuple:
+        cfg = self.config
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        base = self.lxmert(
+            input_ids,
+            visual_feats,
+            visual_pos,
+            attention_mask,
+            visual_attention_mask,
+            token_type_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
+        lang_scores = self.cls.predictions(base.language_output)
+        match_scores = self.cls.seq_relationship(base.pooled_output)
+        # transformers returns this placeholder when the QA head is disabled; kept for identical tuples.
+        answer_scores = self.answer_head(base.pooled_output) if cfg.task_qa else base.pooled_output[0][0]
+
+        losses: dict[str, Tensor] = {}
+        if labels is not None and cfg.task_mask_lm:
+            losses["mlm"] = masked_cross_entropy(lang_scores, labels)
+        if matched_label is not None and cfg.task_matched:
+            losses["matched"] = masked_cross_entropy(match_scores, matched_label)
+        if obj_labels is not None and cfg.task_obj_predict:
+            losses.update(self.visual_losses(self.obj_predict_head(base.vision_output), obj_labels))
+        if ans is not None and cfg.task_qa:
+            losses["qa"] = masked_cross_entropy(answer_scores, ans)
+        any_labels = any(x is not None for x in (labels, obj_labels, matched_label, ans))
+        loss = None
+        if any_labels:
+            loss = torch.zeros((), device=lang_scores.device, dtype=torch.float32)
+            for value in losses.values():
+                loss = loss + value
+
+        out = LxmertForPreTrainingOutput(
+            loss=loss,
+            prediction_logits=lang_scores,
+            cross_relationship_score=match_scores,
+            question_answering_score=answer_scores,
+            language_hidden_states=base.language_hidden_states,
+            vision_hidden_states=base.vision_hidden_states,
+            language_attentions=base.language_attentions,
+            vision_attentions=base.vision_attentions,
+            cross_encoder_attentions=base.cross_encoder_attentions,
+            losses=losses if any_labels else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def visual_losses(
+        self, predictions: dict[str, Tensor], obj_labels: dict[str, tuple[Tensor, Tensor]]
+    ) -> dict[str, Tensor]:
+        weight = self.config.visual_loss_normalizer
+        losses = {}
+        for key, width in visual_loss_specs(self.config).items():
+            if key not in obj_labels:
+                raise ValueError(
+                    f"obj_labels: missing entry {key!r} (expected keys {list(visual_loss_specs(self.config))})"
+                )
+            label, mask_conf = obj_labels[key]
+            scores = predictions[key].reshape(-1, width)
+            if key == "feat":
+                check_shape("obj_labels['feat'][0]", label, (*predictions[key].shape[:2], width))
+                per_object = F.smooth_l1_loss(
+                    scores, label.reshape(-1, width).to(scores.dtype), reduction="none"
+                ).mean(1)
+            else:
+                check_shape(f"obj_labels[{key!r}][0]", label, tuple(predictions[key].shape[:2]))
+                target = label.reshape(-1).long()
+                per_object = F.cross_entropy(scores, target.masked_fill(target < 0, -100), reduction="none")
+            check_shape(f"obj_labels[{key!r}][1]", mask_conf, tuple(predictions[key].shape[:2]))
+            losses[key] = (per_object * mask_conf.reshape(-1).to(per_object.dtype)).mean() * weight
+        return losses
+
+
+class LxmertForQuestionAnswering(LxmertPreTrainedModel):
+    """LXMERT with a QA answer head (VQA, GQA; NLVR2 with a 2-way head on pairs).
+
+    ``labels`` selects the loss: integer [B] class ids → cross-entropy over ``labels >= 0``
+    (transformers); float [B, num_qa_labels] soft scores → binary cross-entropy with logits
+    times the number of answers (the authors' VQA/GQA fine-tuning).
+    """
+
+    def __init__(self, config: LxmertConfig | Any) -> None:
+        super().__init__(config)
+        self.lxmert = LxmertModel(self.config)
+        self.answer_head = VisualAnswerHead(self.config, self.config.num_qa_labels)
+        self.init_weights([self.answer_head])
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        visual_feats: Tensor | None = None,
+        visual_pos: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        visual_attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> LxmertForQuestionAnsweringOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        base = self.lxmert(
+            input_ids,
+            visual_feats,
+            visual_pos,
+            attention_mask,
+            visual_attention_mask,
+            token_type_ids,
+            inputs_embeds,
+            output_attentions,
+            output_hidden_states,
+            return_dict=True,
+        )
+        scores = self.answer_head(base.pooled_output)
+        loss = None if labels is None else self.qa_loss(scores, labels)
+        out = LxmertForQuestionAnsweringOutput(
+            loss=loss,
+            question_answering_score=scores,
+            language_hidden_states=base.language_hidden_states,
+            vision_hidden_states=base.vision_hidden_states,
+            language_attentions=base.language_attentions,
+            vision_attentions=base.vision_attentions,
+            cross_encoder_attentions=base.cross_encoder_attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+    def qa_loss(self, scores: Tensor, labels: Tensor) -> Tensor:
+        if labels.is_floating_point():
+            check_shape("labels", labels, tuple(scores.shape))
+            return F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype)) * scores.shape[1]
+        check_tensor("labels", labels, integer=True)
+        if labels.numel() != scores.shape[0]:
+            raise ValueError(
+                f"labels: expected {scores.shape[0]} answer ids or soft scores [{scores.shape[0]}, "
+                f"{scores.shape[1]}], got {describe(labels)}"
+            )
+        return masked_cross_entropy(scores, labels)

@@ -1,0 +1,476 @@
+"""Fused residual + dropout + LayerNorm (forward and backward) in Triton.
+
+Computes, over the last dimension of ``hidden`` and ``residual`` (any leading shape, ``R`` rows
+of ``N`` features once flattened)::
+
+    x   = dropout(hidden, p) + residual          rounded to the input dtype, like eager PyTorch
+    out = (x - mean(x)) * rstd(x) * weight + bias      statistics in fp32, out in the input dtype
+
+exactly :func:`lxmert_fast.reference.residual_dropout_layer_norm`: the tail of every
+attention-output and FFN-output block of LXMERT (eps 1e-12 there).
+
+Layouts and dtypes
+    ``hidden``, ``residual``: [R, N] views with unit stride along N and any row stride (the
+    launcher copies only inputs whose last dimension is not contiguous); fp32, fp16 or bf16,
+    both the same dtype. ``weight``, ``bias``: [N], the input dtype or fp32. ``out`` is a new
+    contiguous tensor of the input's shape and dtype. ``N <= 4096`` (one row in one block).
+
+Dropout randomness
+    Philox4x32-10 keyed by ``seed``, the project's convention (:mod:`lxmert_fast.philox`):
+    row ``r`` uses counters ``offset + r * W + q`` for ``q < W = ceil(N / 4)`` and element
+    ``(r, c)`` takes word ``c % 4`` of counter ``offset + r * W + c // 4``; it is dropped when
+    its word ``>> 8`` (24 bits) is below ``floor(p * 2**24)`` (the rule of
+    ``reference.probability_threshold``), so the drop rate is ``p`` to within 6e-8. One Philox
+    call feeds four elements, which keeps the generator cheaper than the memory traffic. The
+    backward regenerates the mask from (seed, offset); nothing of it is stored.
+    :func:`dropout_keep_mask` rebuilds the same mask in PyTorch for tests. The dispatcher's
+    entry point draws a fresh seed per call from torch's default CPU generator (so
+    ``torch.manual_seed`` reproduces runs, no CUDA sync) with offset 0.
+
+Saved for backward
+    ``x`` in the input dtype plus per-row fp32 ``mean`` and ``rstd``: the backward needs
+    ``x_hat`` and recomputing it from ``x`` costs one read of ``N`` input-dtype values per row,
+    where saving ``x_hat`` in fp32 would double that for half inputs, and re-reading
+    ``hidden`` and ``residual`` would need both plus the mask. Rounding ``x`` to the input dtype
+    before the statistics (as the eager add does) keeps forward and backward on the very same
+    ``x``. The public entry point saves nothing when autograd is off or no input needs a gradient.
+
+Grids
+    Forward: one program per row. Backward: ``min(R, 4 * SMs)`` programs (8 when interpreted).
+
+Backward
+    ``dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(w*dy * x_hat))``; ``d residual = dx``,
+    ``d hidden = dx * keep / (1 - p)``. Each program walks a fixed, contiguous range of rows and
+    writes one fp32 partial row of ``dW = sum dy * x_hat`` and ``db = sum dy``; the launcher
+    sums the partials in PyTorch: no atomics, bitwise reproducible on a given device.
+
+Not supported (``supports`` says why): fp64, ``N > 4096``, ``residual`` of another dtype than
+``hidden``, ``weight`` of a dtype other than the input's or fp32, ``bias`` of another dtype
+than ``weight``, CPU tensors unless ``TRITON_INTERPRET=1``.
+
+Hazards
+    ``p == 1`` drops every element (scale 0, never ``inf``). ``x`` is rounded to the input
+    dtype before normalising, so half-precision results follow eager PyTorch's rounding, not an
+    fp32 add; tests bound the error against an fp32 reference by twice the eager error. Two
+    backward runs are bitwise equal on one device; a GPU with another SM count splits the dW/db
+    sums differently (last-bit differences).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lxmert_fast import ops
+from lxmert_fast.backend import register_fast_path
+from lxmert_fast.kernels.sm90 import KernelVariant
+from lxmert_fast.philox import philox_bits
+from lxmert_fast.reference import probability_threshold
+
+Tensor = torch.Tensor
+
+MAX_HIDDEN = 4096
+# Row tiles of 4 * BLOCK_Q features: three sizes keep the variants to compile few; LXMERT's 768
+# fills 3/4 of the middle one.
+BLOCK_QS = (64, 256, 1024)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Backward programs per SM: several resident programs hide the latency of the row loop.
+_BWD_PROGRAMS_PER_SM = 4
+_INTERPRETER_BWD_PROGRAMS = 8
+
+
+@triton.jit
+def _keep_mask(seed, offset, row, n_words, q, j, threshold):
+    """Dropout keep-mask of one row (int64) as a [BLOCK_Q, 4] tile (q: [BLOCK_Q, 1], j: [1, 4])."""
+    counter = offset + row * n_words + q
+    c0 = counter.to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    word = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
+    return (word >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "save"])
+def _residual_dropout_layer_norm_fwd(
+    out_ptr,  # [R, N] contiguous, input dtype
+    x_ptr,  # [R, N] contiguous, input dtype: dropout(hidden) + residual (written if save)
+    mean_ptr,  # [R] fp32 (written if save)
+    rstd_ptr,  # [R] fp32 (written if save)
+    hidden_ptr,  # [R, N], unit stride along N
+    hidden_row_stride,
+    residual_ptr,  # [R, N], unit stride along N, dtype of hidden
+    residual_row_stride,
+    weight_ptr,  # [N]
+    bias_ptr,  # [N]
+    n_cols,
+    n_words,  # ceil(N / 4): Philox counters per row
+    eps,
+    seed,
+    offset,
+    threshold,  # drop when the 24-bit draw is below this
+    scale,  # 1 / (1 - p), 0 when p == 1
+    save,  # 1 when a backward will run; a uniform branch, not a specialisation to compile
+    BLOCK_Q: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    q = tl.arange(0, BLOCK_Q)[:, None]
+    j = tl.arange(0, 4)[None, :]
+    cols = q * 4 + j
+    mask = cols < n_cols
+
+    h = tl.load(hidden_ptr + row * hidden_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = _keep_mask(seed, offset, row, n_words, q, j, threshold)
+        h = tl.where(keep, h * scale, 0.0)
+    x_io = (h + r).to(out_ptr.dtype.element_ty)
+    x = x_io.to(tl.float32)
+
+    mean = tl.sum(x) / n_cols
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc) / n_cols + eps)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if save != 0:
+        tl.store(x_ptr + row * n_cols + cols, x_io, mask=mask)
+        tl.store(mean_ptr + row, mean)
+        tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _residual_dropout_layer_norm_bwd(
+    grad_hidden_ptr,  # [R, N] contiguous, input dtype
+    grad_residual_ptr,  # [R, N] contiguous, input dtype
+    dw_partial_ptr,  # [P, N] fp32, one row per program
+    db_partial_ptr,  # [P, N] fp32
+    grad_out_ptr,  # [R, N], unit stride along N
+    grad_out_row_stride,
+    x_ptr,  # [R, N] contiguous, input dtype (saved by the forward)
+    mean_ptr,  # [R] fp32
+    rstd_ptr,  # [R] fp32
+    weight_ptr,  # [N]
+    n_rows,
+    n_cols,
+    n_words,
+    rows_per_program,
+    seed,
+    offset,
+    threshold,
+    scale,
+    BLOCK_Q: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    q = tl.arange(0, BLOCK_Q)[:, None]
+    j = tl.arange(0, 4)[None, :]
+    cols = q * 4 + j
+    mask = cols < n_cols
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_Q, 4], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_Q, 4], dtype=tl.float32)
+
+    row_start = pid * rows_per_program
+    for i in range(0, tl.minimum(rows_per_program, n_rows - row_start)):
+        row = row_start + i
+        dy = tl.load(grad_out_ptr + row * grad_out_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(x_hat * wdy) / n_cols
+        c2 = tl.sum(wdy) / n_cols
+        dx = (wdy - (x_hat * c1 + c2)) * rstd
+        dw_acc += dy * x_hat
+        db_acc += dy
+        tl.store(
+            grad_residual_ptr + row * n_cols + cols, dx.to(grad_residual_ptr.dtype.element_ty), mask=mask
+        )
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, offset, row, n_words, q, j, threshold)
+            dx = tl.where(keep, dx * scale, 0.0)
+        tl.store(grad_hidden_ptr + row * n_cols + cols, dx.to(grad_hidden_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+    tl.store(db_partial_ptr + pid * n_cols + cols, db_acc, mask=mask)
+
+
+def _block_q(n_cols: int) -> int:
+    return next(q for q in BLOCK_QS if 4 * q >= n_cols)
+
+
+def _num_warps(block_q: int) -> int:
+    return min(8, max(1, block_q * 4 // 256))
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """[..., N] -> a [R, N] view with unit stride along N (copying only when there is none)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else rows.contiguous()
+
+
+def _dropout_constants(dropout_p: float) -> tuple[int, float]:
+    if dropout_p >= 1.0:
+        return probability_threshold(1.0), 0.0
+    return probability_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def _bwd_programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, sms * _BWD_PROGRAMS_PER_SM))
+    return max(1, min(n_rows, _INTERPRETER_BWD_PROGRAMS))
+
+
+def dropout_keep_mask(
+    seed: int, offset: int, shape: tuple[int, ...] | torch.Size, p: float, device: torch.device | str = "cpu"
+) -> Tensor:
+    """The keep-mask (bool, ``shape``) the kernels draw for (seed, offset, p), rebuilt in PyTorch.
+
+    For tests: ``reference.residual_dropout_layer_norm(..., keep_mask=dropout_keep_mask(...))``
+    must match the fused op run with the same (seed, offset).
+    """
+    n_cols = shape[-1]
+    n_rows = math.prod(shape[:-1])
+    n_words = triton.cdiv(n_cols, 4)
+    bits = philox_bits(seed, offset, n_rows * n_words, device).view(n_rows, n_words * 4)[:, :n_cols]
+    return ((bits >> 8) >= probability_threshold(p)).view(shape)
+
+
+def residual_dropout_layer_norm_forward(
+    hidden: Tensor,
+    residual: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launch the forward kernel: (out, x [R, N], mean [R], rstd [R]); the last three empty unless ``save``."""
+    n_cols = hidden.shape[-1]
+    h2, r2 = _as_rows(hidden), _as_rows(residual)
+    n_rows = h2.shape[0]
+    device = hidden.device
+    out = torch.empty(hidden.shape, dtype=hidden.dtype, device=device)
+    x = torch.empty((n_rows, n_cols) if save else (0, n_cols), dtype=hidden.dtype, device=device)
+    mean = torch.empty((x.shape[0],), dtype=torch.float32, device=device)
+    rstd = torch.empty_like(mean)
+    threshold, scale = _dropout_constants(dropout_p)
+    block_q = _block_q(n_cols)
+    if n_rows > 0:
+        _residual_dropout_layer_norm_fwd[(n_rows,)](
+            out,
+            x,
+            mean,
+            rstd,
+            h2,
+            h2.stride(0),
+            r2,
+            r2.stride(0),
+            weight,
+            bias,
+            n_cols,
+            triton.cdiv(n_cols, 4),
+            float(eps),
+            seed,
+            offset,
+            threshold,
+            scale,
+            int(save),
+            BLOCK_Q=block_q,
+            HAS_DROPOUT=dropout_p > 0.0,
+            num_warps=_num_warps(block_q),
+        )
+    return out, x, mean, rstd
+
+
+def residual_dropout_layer_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+    bias_dtype: torch.dtype,
+    dropout_p: float,
+    seed: int,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Launch the backward kernel: (grad_hidden, grad_residual, grad_weight, grad_bias)."""
+    n_rows, n_cols = x.shape
+    device = x.device
+    dy = _as_rows(grad_out)
+    grad_hidden = torch.empty(grad_out.shape, dtype=x.dtype, device=device)
+    grad_residual = torch.empty(grad_out.shape, dtype=x.dtype, device=device)
+    programs = _bwd_programs(n_rows, device)
+    # Every program writes its partial row, so only an empty launch needs zeros.
+    alloc = torch.empty if n_rows > 0 else torch.zeros
+    dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=device)
+    db_partial = alloc((programs, n_cols), dtype=torch.float32, device=device)
+    threshold, scale = _dropout_constants(dropout_p)
+    block_q = _block_q(n_cols)
+    if n_rows > 0:
+        _residual_dropout_layer_norm_bwd[(programs,)](
+            grad_hidden,
+            grad_residual,
+            dw_partial,
+            db_partial,
+            dy,
+            dy.stride(0),
+            x,
+            mean,
+            rstd,
+            weight,
+            n_rows,
+            n_cols,
+            triton.cdiv(n_cols, 4),
+            triton.cdiv(n_rows, programs),
+            seed,
+            offset,
+            threshold,
+            scale,
+            BLOCK_Q=block_q,
+            HAS_DROPOUT=dropout_p > 0.0,
+            num_warps=_num_warps(block_q),
+        )
+    grad_weight = dw_partial.sum(0).to(weight.dtype)
+    grad_bias = db_partial.sum(0).to(bias_dtype)
+    return grad_hidden, grad_residual, grad_weight, grad_bias
+
+
+class ResidualDropoutLayerNormFunction(torch.autograd.Function):
+    """``LayerNorm(dropout(hidden) + residual)`` with explicit Philox (seed, offset)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        residual: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        eps: float,
+        dropout_p: float,
+        seed: int,
+        offset: int,
+    ) -> Tensor:
+        out, x, mean, rstd = residual_dropout_layer_norm_forward(
+            hidden, residual, weight, bias, eps, dropout_p, seed, offset, save=True
+        )
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.dropout = (dropout_p, seed, offset)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, mean, rstd, weight = ctx.saved_tensors
+        grads = residual_dropout_layer_norm_backward(
+            grad_out, x, mean, rstd, weight, ctx.bias_dtype, *ctx.dropout
+        )
+        return (*grads, None, None, None, None)
+
+
+def residual_dropout_layer_norm(
+    hidden: Tensor,
+    residual: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    dropout_p: float = 0.0,
+    *,
+    seed: int | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """Fused ``LayerNorm(dropout(hidden) + residual)``; the dispatcher's fast path.
+
+    ``dropout_p > 0`` means training: unless ``seed`` is given, a fresh one comes from torch's
+    default CPU generator. Without autograd (no grad mode, or no input requiring a gradient)
+    nothing is saved for a backward.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0.0 else 0
+    args = (hidden, residual, weight, bias, eps, dropout_p, seed, offset)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, residual, weight, bias)):
+        return ResidualDropoutLayerNormFunction.apply(*args)
+    return residual_dropout_layer_norm_forward(*args, save=False)[0]
+
+
+def supports(
+    hidden: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float, dropout_p: float = 0.0
+) -> str | None:
+    """``None`` when the fused kernels can serve this call, else the reason they cannot."""
+    if hidden.dtype not in KERNEL_DTYPES:
+        return f"hidden: dtype {hidden.dtype} is not one of fp32, fp16, bf16"
+    if residual.dtype != hidden.dtype:
+        return f"residual: dtype {residual.dtype} differs from hidden's {hidden.dtype}"
+    if weight.dtype not in (hidden.dtype, torch.float32):
+        return f"weight: dtype {weight.dtype} is neither hidden's {hidden.dtype} nor fp32"
+    if bias.dtype != weight.dtype:
+        return f"bias: dtype {bias.dtype} differs from weight's {weight.dtype}"
+    n_cols = hidden.shape[-1]
+    if not 0 < n_cols <= MAX_HIDDEN:
+        return f"hidden: last dimension {n_cols} is outside 1..{MAX_HIDDEN}"
+    if hidden.device.type == "cpu" and not _INTERPRETED:
+        return "CPU tensors need TRITON_INTERPRET=1 set before the kernels are imported"
+    if hidden.device.type not in ("cpu", "cuda"):
+        return f"hidden: device {hidden.device} is neither CUDA nor CPU"
+    return None
+
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _signature(args: str, io: str, w: str) -> dict[str, str]:
+    """``"name:type ..."`` -> signature dict, with ``io``/``w`` standing for the input/weight dtypes."""
+    types = {"*io": f"*{io}", "*w": f"*{w}"}
+    return {name: types.get(kind, kind) for name, kind in (item.split(":") for item in args.split())}
+
+
+_FWD_ARGS = (
+    "out_ptr:*io x_ptr:*io mean_ptr:*fp32 rstd_ptr:*fp32 hidden_ptr:*io hidden_row_stride:i32 "
+    "residual_ptr:*io residual_row_stride:i32 weight_ptr:*w bias_ptr:*w n_cols:i32 n_words:i32 eps:fp32 "
+    "seed:i32 offset:i32 threshold:i32 scale:fp32 save:i32 BLOCK_Q:constexpr HAS_DROPOUT:constexpr"
+)
+_BWD_ARGS = (
+    "grad_hidden_ptr:*io grad_residual_ptr:*io dw_partial_ptr:*fp32 db_partial_ptr:*fp32 grad_out_ptr:*io "
+    "grad_out_row_stride:i32 x_ptr:*io mean_ptr:*fp32 rstd_ptr:*fp32 weight_ptr:*w n_rows:i32 n_cols:i32 "
+    "n_words:i32 rows_per_program:i32 seed:i32 offset:i32 threshold:i32 scale:fp32 "
+    "BLOCK_Q:constexpr HAS_DROPOUT:constexpr"
+)
+
+
+def sm90_variants() -> list[KernelVariant]:
+    """Every specialisation the launchers can pick: dtype x weight dtype x BLOCK_Q x dropout, fwd and bwd."""
+    variants = []
+    for dtype in KERNEL_DTYPES:
+        io = _TRITON_DTYPES[dtype]
+        for w in dict.fromkeys((io, "fp32")):
+            for block_q, has_dropout in ((b, d) for b in BLOCK_QS for d in (False, True)):
+                constexprs = {"BLOCK_Q": block_q, "HAS_DROPOUT": has_dropout}
+                for direction, fn, args in (
+                    ("fwd", _residual_dropout_layer_norm_fwd, _FWD_ARGS),
+                    ("bwd", _residual_dropout_layer_norm_bwd, _BWD_ARGS),
+                ):
+                    variants.append(
+                        KernelVariant(
+                            name=f"residual_ln_{direction}_{io}_w{w}_q{block_q}_drop{int(has_dropout)}",
+                            fn=fn,
+                            signature=_signature(args, io, w),
+                            constexprs=constexprs,
+                            num_warps=_num_warps(block_q),
+                        )
+                    )
+    return variants
+
+
+register_fast_path(ops.RESIDUAL_LAYER_NORM, residual_dropout_layer_norm, supports)

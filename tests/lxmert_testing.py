@@ -1,0 +1,85 @@
+"""Shared builders for the tests: configs, batches, transformers twins, comparisons."""
+
+from __future__ import annotations
+
+import torch
+
+import lxmert_fast
+
+# Small enough for fast tests, awkward enough to catch layout mistakes (3 heads of 16).
+SMALL = dict(
+    vocab_size=97,
+    hidden_size=48,
+    num_attention_heads=3,
+    intermediate_size=80,
+    l_layers=2,
+    x_layers=2,
+    r_layers=2,
+    visual_feat_dim=40,
+    num_qa_labels=13,
+    num_object_labels=11,
+    num_attr_labels=7,
+    max_position_embeddings=64,
+)
+FULL: dict = {}
+
+
+def hf_config(**kwargs):
+    import transformers
+
+    return transformers.LxmertConfig(**kwargs)
+
+
+def make_batch(
+    config, batch: int, lang_len: int, num_boxes: int, lang_mask: bool, visual_mask: bool, seed: int = 0
+):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "input_ids": torch.randint(1, config.vocab_size, (batch, lang_len), generator=g),
+        "visual_feats": torch.randn(batch, num_boxes, config.visual_feat_dim, generator=g),
+        "visual_pos": torch.rand(batch, num_boxes, config.visual_pos_dim, generator=g),
+        "token_type_ids": torch.randint(0, 2, (batch, lang_len), generator=g),
+    }
+    if lang_mask:
+        mask = torch.ones(batch, lang_len)
+        for b in range(batch):
+            mask[b, max(1, lang_len - 2 * b - 1) :] = 0
+        inputs["attention_mask"] = mask
+    if visual_mask:
+        mask = torch.ones(batch, num_boxes)
+        for b in range(batch):
+            mask[b, max(1, num_boxes - 3 * b - 2) :] = 0
+        inputs["visual_attention_mask"] = mask
+    return inputs
+
+
+def flatten(x):
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            yield from flatten(y)
+    elif isinstance(x, dict):
+        for key in sorted(x):
+            yield from flatten(x[key])
+    elif x is not None:
+        yield x
+
+
+def max_abs_diff(a, b) -> float:
+    """Max |a - b| over two nested output structures that must have the same layout."""
+    fa, fb = list(flatten(a)), list(flatten(b))
+    assert len(fa) == len(fb), f"different number of outputs: {len(fa)} vs {len(fb)}"
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(fa, fb, strict=True)):
+        assert x.shape == y.shape, f"output {i}: shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        worst = max(worst, (x.double() - y.double()).abs().max().item() if x.numel() else 0.0)
+    return worst
+
+
+def twins(hf_cls_name: str, ours_cls, **config):
+    """A random-init transformers model and ours with its weights, both in eval mode."""
+    import transformers
+
+    hf = getattr(transformers, hf_cls_name)(hf_config(**config)).eval()
+    ours = ours_cls(lxmert_fast.LxmertConfig(**config)).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours

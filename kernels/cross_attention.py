@@ -1,0 +1,932 @@
+"""Fused bidirectional cross-attention of LXMERT's cross-modality layer (forward and backward).
+
+Computes exactly :func:`lxmert_fast.reference.bidirectional_cross_attention`, both directions in
+ONE launch::
+
+    lang rows   i < L:  ctx[i]     = dropout(softmax(q_i · K_visᵀ / sqrt(d) + visual_bias)) · V_vis
+    vision rows j < V:  ctx[L + j] = dropout(softmax(q_j · K_langᵀ / sqrt(d) + lang_bias)) · V_lang
+
+per (batch, head), where Q/K/V come from one shared projection of the concatenated
+[language; vision] tokens. Grid axis 0 is batch x heads (axis 0 has no 65535 limit); axis 1
+enumerates the query blocks of the language stream, then those of the vision stream, so a program
+knows its direction from its block index. Keys are walked in blocks with an online softmax, so any
+lengths work (language and vision lengths are independent; tested up to 130 x 70).
+
+Layouts and dtypes
+    ``qkv``: [B, L+V, 3*hidden], fp32/fp16/bf16, any batch and token strides, last-dim stride 1
+    (a slice or other view is read in place: no transpose, no copy). Each token row is
+    ``[q | k | v]``, each of ``hidden = heads * head_dim`` features, head-major.
+    ``lang_bias`` [B, L], ``visual_bias`` [B, V]: additive key biases or None, any strides; the
+    launcher casts them to the qkv dtype first, as the reference does (``bias.to(scores.dtype)``),
+    so an fp32 ``finfo.min`` bias becomes ``-inf`` for half inputs in both.
+    ``context``: a new contiguous [B, L+V, hidden] in the qkv dtype, rows in the qkv row order,
+    ready for the output dense. ``d(qkv)``: a new contiguous [B, L+V, 3*hidden]; every element is
+    written by exactly one program (dQ programs write the q columns, dK/dV programs the k and v
+    columns), so it needs no zero fill.
+    Scores, softmax statistics and accumulators are fp32; the operands of the dots are the input
+    dtype (P and dS are rounded to it, as flash-attention does), fp32 inputs use IEEE dots (no
+    TF32). Under the interpreter bf16 operands are upcast to fp32 before the dots (its bf16
+    ``tl.dot`` is silently wrong), after the same rounding as on the GPU.
+
+Saved for backward
+    ``qkv``, the context, and two fp32 numbers per query row and head: the row maximum ``m``
+    (0 for a row whose every score is ``-inf``) and ``1 / sum exp(s - m)`` (0 for such a row).
+    Not probabilities, not masks. One log-sum-exp would not do: with a finite ``finfo.min`` mask,
+    ``m ~ -3.4e38`` absorbs ``log(sum)`` and the backward would rebuild P = 1 instead of the
+    uniform 1/V of a fully masked row (the same loss of precision hits ``-10000`` masks).
+
+Dropout randomness
+    On the attention probabilities, regenerated in the backward, never stored. Philox4x32-10
+    keyed by ``seed`` (the project's convention, :mod:`lxmert_fast.philox`): probability
+    (batch b, head h, query i, key j) of direction ``dir`` (0 = language queries, 1 = vision
+    queries) uses counter ``offset + (b*heads + h) * 2*L*V + dir*L*V + i*K + j`` with ``K`` the key
+    count of that direction (V, resp. L), and is dropped when the first word ``>> 8`` is below
+    ``floor(p * 2**24)`` (``reference.probability_threshold``). :func:`dropout_keep_masks`
+    exports those masks through the same ``@triton.jit`` helpers for tests. The dispatcher's entry
+    point draws a fresh seed from torch's default CPU generator (``torch.manual_seed`` reproduces
+    runs, no CUDA sync) with offset 0.
+
+Backward
+    One launch, no atomics, deterministic: grid axis 1 enumerates dK/dV programs (one per key block of
+    the vision keys, then of the language keys; each walks every query block of the other stream)
+    and then dQ programs (one per query block, walking the key blocks). Each program recomputes
+    ``delta = rowsum(dO * O)`` for the query rows it visits instead of a separate pre-pass: the
+    sequences are short (20 x 36 in pre-training), so this saves a launch and a tensor for a few
+    extra row reads. Bias gradients are not computed (masks are not learned): ``supports`` rejects
+    a bias that requires grad.
+
+Specialisations
+    Block sizes depend on the dtype only (``_block_config``: 64 x 64 for half inputs, 32 x 32 for
+    fp32; 8 warps at head_dim 128, else 4), head_dim and dropout are constexprs; the presence of each bias is a runtime length, so
+    ``sm90_variants()`` lists 3 dtypes x 3 head_dims x 2 dropout flags x (fwd, bwd) plus the
+    test-only mask export.
+
+Not supported (``supports`` says why): head_dim outside {32, 64, 128}, fp64, last-dim stride of
+qkv != 1, biases that require grad, CPU tensors unless ``TRITON_INTERPRET=1`` at import.
+
+Hazards and how they are tested (tests/test_cross_attention_kernel.py)
+    * Fully masked rows: ``-inf`` everywhere gives a zero context and zero gradients, never NaN
+      (the max is replaced by 0 before the exponentials, the sum guarded); a finite ``finfo.min``
+      gives uniform attention, as the reference. Bias is added after scaling and exponentials use
+      ``exp`` in natural units: pre-multiplying by log2(e) would overflow ``finfo.min`` to -inf.
+      Tested with both biases, forward and d(qkv), fp32 and fp16.
+    * ``p == 1`` drops everything through ``where`` (scale 0 is never multiplied by ``inf``).
+    * Half-precision inputs: compared with an fp32 reference, bounded by twice the error of a
+      half-precision reference. With half inputs and a finite half ``finfo.min`` bias the fp32
+      math here does not overflow where the half reference does; the fp32 reference is the truth.
+    * Non-contiguous qkv views, awkward lengths (1, 7, 20, 33 x 1, 10, 36, 50), bitwise
+      reproducible backward, dropout masks equal to the torch Philox and the reference given
+      those masks; every sm_90 variant compiles (tests/test_compile_sm90.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lxmert_fast import ops
+from lxmert_fast.backend import register_fast_path
+from lxmert_fast.kernels.sm90 import KernelVariant
+from lxmert_fast.reference import probability_threshold
+
+Tensor = torch.Tensor
+
+HEAD_DIMS = (32, 64, 128)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_SIGNATURE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def _direction(lang_queries, lang_len, vis_len, pid_bh, drop_offset):
+    """Geometry of one direction: (query row start, query count, key row start, key count,
+    first Philox counter of this (batch, head, direction))."""
+    q_start = tl.where(lang_queries, 0, lang_len)
+    q_len = tl.where(lang_queries, lang_len, vis_len)
+    k_start = tl.where(lang_queries, lang_len, 0)
+    k_len = tl.where(lang_queries, vis_len, lang_len)
+    pair = lang_len * vis_len
+    drop_base = drop_offset + pid_bh * (2 * pair) + tl.where(lang_queries, 0, pair)
+    return q_start, q_len, k_start, k_len, drop_base
+
+
+@triton.jit
+def _dropout_keep(seed, drop_base, q_idx, k_idx, k_len, drop_threshold):
+    """Keep flags of probabilities (q_idx, k_idx) (broadcast to 2-D) of one (batch, head, direction).
+
+    The only element -> random mapping of this file: every kernel, and the test export, call it.
+    """
+    bits = tl.randint(seed, drop_base + q_idx * k_len + k_idx)
+    return (bits >> 8).to(tl.int32) >= drop_threshold
+
+
+@triton.jit
+def _key_bias(
+    lang_bias_ptr,  # [B, L], read iff lang_bias_len > 0
+    stride_lb_b,
+    stride_lb_t,
+    lang_bias_len,
+    vis_bias_ptr,  # [B, V], read iff vis_bias_len > 0
+    stride_vb_b,
+    stride_vb_t,
+    vis_bias_len,
+    b,
+    offs_k,
+    k_len,
+    lang_queries,
+):
+    """fp32 additive bias of keys ``offs_k``: -inf past the key count, plus the stream's bias.
+
+    An absent bias has length 0. Presence is a runtime length rather than a constexpr: the
+    masked-off load costs nothing next to the dots, and it divides the sm_90 variants to compile
+    by four. The direction also enters through the bound (the interpreter rejects a mask
+    combined with a scalar boolean), so a program reads only the bias of its own keys.
+    """
+    vis_keys = tl.where(lang_queries, vis_bias_len, 0)
+    lang_keys = tl.where(lang_queries, 0, lang_bias_len)
+    vb = tl.load(vis_bias_ptr + b * stride_vb_b + offs_k * stride_vb_t, mask=offs_k < vis_keys, other=0.0)
+    lb = tl.load(lang_bias_ptr + b * stride_lb_b + offs_k * stride_lb_t, mask=offs_k < lang_keys, other=0.0)
+    return tl.where(offs_k < k_len, 0.0, float("-inf")) + vb.to(tl.float32) + lb.to(tl.float32)
+
+
+@triton.jit
+def _cross_attention_fwd_kernel(
+    qkv_ptr,  # [B, L+V, 3*hidden], last-dim stride 1
+    stride_qkv_b,
+    stride_qkv_t,
+    lang_bias_ptr,  # [B, L] qkv dtype, read iff lang_bias_len > 0
+    stride_lb_b,
+    stride_lb_t,
+    lang_bias_len,  # L, or 0 without a language bias
+    vis_bias_ptr,  # [B, V] qkv dtype, read iff vis_bias_len > 0
+    stride_vb_b,
+    stride_vb_t,
+    vis_bias_len,  # V, or 0 without a vision bias
+    out_ptr,  # [B, L+V, hidden], last-dim stride 1
+    stride_out_b,
+    stride_out_t,
+    row_max_ptr,  # [B, heads, L+V] fp32, contiguous
+    row_inv_sum_ptr,  # [B, heads, L+V] fp32, contiguous
+    lang_len,
+    vis_len,
+    num_heads,
+    sm_scale,
+    seed,
+    drop_offset,
+    drop_threshold,
+    drop_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hidden = num_heads * HEAD_DIM
+    io_dtype = qkv_ptr.dtype.element_ty
+
+    n_lang_blocks = tl.cdiv(lang_len, BLOCK_M)
+    lang_queries = pid_m < n_lang_blocks
+    q_block = tl.where(lang_queries, pid_m, pid_m - n_lang_blocks)
+    q_start, q_len, k_start, k_len, drop_base = _direction(
+        lang_queries, lang_len, vis_len, pid_bh, drop_offset
+    )
+
+    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < q_len
+    head_cols = h * HEAD_DIM + offs_d
+    qkv_batch = qkv_ptr + b * stride_qkv_b
+
+    q = tl.load(
+        qkv_batch + (q_start + offs_m)[:, None] * stride_qkv_t + head_cols[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    ).to(DOT_DTYPE)
+
+    # Initialised to -inf: a row stays -inf only if every key is -inf (handled below).
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, k_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_len
+        kv_rows = (k_start + offs_n)[:, None] * stride_qkv_t
+        k = tl.load(qkv_batch + kv_rows + hidden + head_cols[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(qkv_batch + kv_rows + 2 * hidden + head_cols[None, :], mask=n_mask[:, None], other=0.0)
+        bias = _key_bias(
+            lang_bias_ptr,
+            stride_lb_b,
+            stride_lb_t,
+            lang_bias_len,
+            vis_bias_ptr,
+            stride_vb_b,
+            stride_vb_t,
+            vis_bias_len,
+            b,
+            offs_n,
+            k_len,
+            lang_queries,
+        )
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * sm_scale + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # exp(-inf - -inf) is NaN: a row with no finite score so far uses 0 as its reference.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, drop_base, offs_m[:, None], offs_n[None, :], k_len, drop_threshold)
+            p = tl.where(keep, p * drop_scale, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(
+            p.to(io_dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION
+        )
+        m_i = m_new
+
+    inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    out = acc * inv_l[:, None]
+    tl.store(
+        out_ptr + b * stride_out_b + (q_start + offs_m)[:, None] * stride_out_t + head_cols[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None],
+    )
+    stat_rows = pid_bh * (lang_len + vis_len) + q_start + offs_m
+    tl.store(row_max_ptr + stat_rows, tl.where(m_i == float("-inf"), 0.0, m_i), mask=m_mask)
+    tl.store(row_inv_sum_ptr + stat_rows, inv_l, mask=m_mask)
+
+
+@triton.jit
+def _bwd_query_rows(
+    qkv_batch,
+    stride_qkv_t,
+    out_ptr,  # [B, L+V, hidden]
+    stride_out_b,
+    stride_out_t,
+    dout_ptr,  # [B, L+V, hidden]
+    stride_dout_b,
+    stride_dout_t,
+    row_max_ptr,  # [B, heads, L+V] fp32
+    row_inv_sum_ptr,  # [B, heads, L+V] fp32
+    b,
+    pid_bh,
+    head_cols,
+    offs_m,
+    q_start,
+    q_len,
+    total_len,
+    DOT_DTYPE: tl.constexpr,
+):
+    """Everything the backward needs of query rows ``offs_m``: q, dO, softmax statistics, delta.
+
+    Rows past the query count get zero q/dO and statistics 0, so their P and dS vanish.
+    """
+    m_mask = offs_m < q_len
+    rows = q_start + offs_m
+    q = tl.load(
+        qkv_batch + rows[:, None] * stride_qkv_t + head_cols[None, :], mask=m_mask[:, None], other=0.0
+    )
+    do = tl.load(
+        dout_ptr + b * stride_dout_b + rows[:, None] * stride_dout_t + head_cols[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
+    o = tl.load(
+        out_ptr + b * stride_out_b + rows[:, None] * stride_out_t + head_cols[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
+    # delta = rowsum(P∘dP) = rowsum(dO∘O), also with dropout (O already holds the kept, scaled P).
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    stat_rows = pid_bh * total_len + rows
+    row_max = tl.load(row_max_ptr + stat_rows, mask=m_mask, other=0.0)
+    row_inv_sum = tl.load(row_inv_sum_ptr + stat_rows, mask=m_mask, other=0.0)
+    return q.to(DOT_DTYPE), do.to(DOT_DTYPE), delta, row_max, row_inv_sum
+
+
+@triton.jit
+def _cross_attention_bwd_kernel(
+    qkv_ptr,  # [B, L+V, 3*hidden], last-dim stride 1
+    stride_qkv_b,
+    stride_qkv_t,
+    lang_bias_ptr,  # [B, L] qkv dtype, read iff lang_bias_len > 0
+    stride_lb_b,
+    stride_lb_t,
+    lang_bias_len,  # L, or 0 without a language bias
+    vis_bias_ptr,  # [B, V] qkv dtype, read iff vis_bias_len > 0
+    stride_vb_b,
+    stride_vb_t,
+    vis_bias_len,  # V, or 0 without a vision bias
+    out_ptr,  # [B, L+V, hidden] forward context, last-dim stride 1
+    stride_out_b,
+    stride_out_t,
+    dout_ptr,  # [B, L+V, hidden] gradient of the context, last-dim stride 1
+    stride_dout_b,
+    stride_dout_t,
+    dqkv_ptr,  # [B, L+V, 3*hidden] output, last-dim stride 1
+    stride_dqkv_b,
+    stride_dqkv_t,
+    row_max_ptr,  # [B, heads, L+V] fp32, contiguous
+    row_inv_sum_ptr,  # [B, heads, L+V] fp32, contiguous
+    lang_len,
+    vis_len,
+    num_heads,
+    sm_scale,
+    seed,
+    drop_offset,
+    drop_threshold,
+    drop_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hidden = num_heads * HEAD_DIM
+    total_len = lang_len + vis_len
+    io_dtype = qkv_ptr.dtype.element_ty
+    offs_d = tl.arange(0, HEAD_DIM)
+    head_cols = h * HEAD_DIM + offs_d
+    qkv_batch = qkv_ptr + b * stride_qkv_b
+    dqkv_batch = dqkv_ptr + b * stride_dqkv_b
+
+    n_vis_key_blocks = tl.cdiv(vis_len, BLOCK_N)
+    n_key_blocks = n_vis_key_blocks + tl.cdiv(lang_len, BLOCK_N)
+    if pid < n_key_blocks:
+        # dK, dV of one key block: vision keys (language queries) first, then language keys.
+        lang_queries = pid < n_vis_key_blocks
+        k_block = tl.where(lang_queries, pid, pid - n_vis_key_blocks)
+        q_start, q_len, k_start, k_len, drop_base = _direction(
+            lang_queries, lang_len, vis_len, pid_bh, drop_offset
+        )
+        offs_n = k_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < k_len
+        kv_rows = (k_start + offs_n)[:, None] * stride_qkv_t
+        k = tl.load(qkv_batch + kv_rows + hidden + head_cols[None, :], mask=n_mask[:, None], other=0.0)
+        v = tl.load(qkv_batch + kv_rows + 2 * hidden + head_cols[None, :], mask=n_mask[:, None], other=0.0)
+        k = k.to(DOT_DTYPE)
+        v = v.to(DOT_DTYPE)
+        bias = _key_bias(
+            lang_bias_ptr,
+            stride_lb_b,
+            stride_lb_t,
+            lang_bias_len,
+            vis_bias_ptr,
+            stride_vb_b,
+            stride_vb_t,
+            vis_bias_len,
+            b,
+            offs_n,
+            k_len,
+            lang_queries,
+        )
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        for start_m in range(0, q_len, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q, do, delta, row_max, row_inv_sum = _bwd_query_rows(
+                qkv_batch,
+                stride_qkv_t,
+                out_ptr,
+                stride_out_b,
+                stride_out_t,
+                dout_ptr,
+                stride_dout_b,
+                stride_dout_t,
+                row_max_ptr,
+                row_inv_sum_ptr,
+                b,
+                pid_bh,
+                head_cols,
+                offs_m,
+                q_start,
+                q_len,
+                total_len,
+                DOT_DTYPE,
+            )
+            # Transposed tiles [keys, queries]: dK and dV accumulate over queries without transposes.
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * sm_scale + bias[:, None]
+            p_t = tl.exp(s_t - row_max[None, :]) * row_inv_sum[None, :]
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            if DROPOUT:
+                keep_t = _dropout_keep(
+                    seed, drop_base, offs_m[None, :], offs_n[:, None], k_len, drop_threshold
+                )
+                p_kept_t = tl.where(keep_t, p_t * drop_scale, 0.0)
+                dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+            else:
+                p_kept_t = p_t
+            dv += tl.dot(p_kept_t.to(io_dtype).to(DOT_DTYPE), do, input_precision=DOT_PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(io_dtype).to(DOT_DTYPE), q, input_precision=DOT_PRECISION)
+        rows = (k_start + offs_n)[:, None] * stride_dqkv_t
+        tl.store(
+            dqkv_batch + rows + hidden + head_cols[None, :],
+            (dk * sm_scale).to(dqkv_ptr.dtype.element_ty),
+            mask=n_mask[:, None],
+        )
+        tl.store(
+            dqkv_batch + rows + 2 * hidden + head_cols[None, :],
+            dv.to(dqkv_ptr.dtype.element_ty),
+            mask=n_mask[:, None],
+        )
+    else:
+        # dQ of one query block: language queries first, then vision queries.
+        pid_q = pid - n_key_blocks
+        n_lang_blocks = tl.cdiv(lang_len, BLOCK_M)
+        lang_queries = pid_q < n_lang_blocks
+        q_block = tl.where(lang_queries, pid_q, pid_q - n_lang_blocks)
+        q_start, q_len, k_start, k_len, drop_base = _direction(
+            lang_queries, lang_len, vis_len, pid_bh, drop_offset
+        )
+        offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q, do, delta, row_max, row_inv_sum = _bwd_query_rows(
+            qkv_batch,
+            stride_qkv_t,
+            out_ptr,
+            stride_out_b,
+            stride_out_t,
+            dout_ptr,
+            stride_dout_b,
+            stride_dout_t,
+            row_max_ptr,
+            row_inv_sum_ptr,
+            b,
+            pid_bh,
+            head_cols,
+            offs_m,
+            q_start,
+            q_len,
+            total_len,
+            DOT_DTYPE,
+        )
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start_n in range(0, k_len, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < k_len
+            kv_rows = (k_start + offs_n)[:, None] * stride_qkv_t
+            k = tl.load(qkv_batch + kv_rows + hidden + head_cols[None, :], mask=n_mask[:, None], other=0.0)
+            v = tl.load(
+                qkv_batch + kv_rows + 2 * hidden + head_cols[None, :], mask=n_mask[:, None], other=0.0
+            )
+            k = k.to(DOT_DTYPE)
+            bias = _key_bias(
+                lang_bias_ptr,
+                stride_lb_b,
+                stride_lb_t,
+                lang_bias_len,
+                vis_bias_ptr,
+                stride_vb_b,
+                stride_vb_t,
+                vis_bias_len,
+                b,
+                offs_n,
+                k_len,
+                lang_queries,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale + bias[None, :]
+            p = tl.exp(s - row_max[:, None]) * row_inv_sum[:, None]
+            dp = tl.dot(do, tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, drop_base, offs_m[:, None], offs_n[None, :], k_len, drop_threshold)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(io_dtype).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
+        tl.store(
+            dqkv_batch + (q_start + offs_m)[:, None] * stride_dqkv_t + head_cols[None, :],
+            (dq * sm_scale).to(dqkv_ptr.dtype.element_ty),
+            mask=(offs_m < q_len)[:, None],
+        )
+
+
+@triton.jit
+def _dropout_keep_masks_kernel(
+    lang_keep_ptr,  # [B, heads, L, V] uint8, contiguous
+    vis_keep_ptr,  # [B, heads, V, L] uint8, contiguous
+    lang_len,
+    vis_len,
+    seed,
+    drop_offset,
+    drop_threshold,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    n_lang_blocks = tl.cdiv(lang_len, BLOCK_M)
+    lang_queries = pid_m < n_lang_blocks
+    q_block = tl.where(lang_queries, pid_m, pid_m - n_lang_blocks)
+    _, q_len, _, k_len, drop_base = _direction(lang_queries, lang_len, vis_len, pid_bh, drop_offset)
+    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, k_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, drop_base, offs_m[:, None], offs_n[None, :], k_len, drop_threshold)
+        n_mask = (offs_n < k_len)[None, :]
+        # Both masks hold L*V flags per (batch, head), row-major over (query, key).
+        flat = pid_bh * lang_len * vis_len + offs_m[:, None] * k_len + offs_n[None, :]
+        lang_rows = tl.where(lang_queries, q_len, 0)
+        vis_rows = tl.where(lang_queries, 0, q_len)
+        tl.store(lang_keep_ptr + flat, keep.to(tl.uint8), mask=(offs_m < lang_rows)[:, None] & n_mask)
+        tl.store(vis_keep_ptr + flat, keep.to(tl.uint8), mask=(offs_m < vis_rows)[:, None] & n_mask)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Launch parameters shared by the forward and the backward of one call."""
+
+    lang_len: int
+    vis_len: int
+    num_heads: int
+    head_dim: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    dot_dtype: tl.dtype
+    dot_precision: str
+    dropout: bool
+    seed: int
+    offset: int
+    threshold: int
+    drop_scale: float
+
+
+def _block_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) from head_dim and dtype (not the lengths).
+
+    LXMERT's 20 x 36 tokens fit one 64-block per stream, so a (batch, head) costs two forward
+    programs that read qkv once; longer streams loop. fp32 takes 32-blocks: its IEEE dots run
+    on FMA units, where a 64 x 64 x 64 tile took minutes to compile for sm_90 and holds large
+    fp32 tiles in the backward. head_dim 128 spreads its tiles over 8 warps (as flash-attention
+    does), which also halves the fp32 compile time. One config per (head_dim, dtype) keeps the
+    sm_90 variant list small.
+    """
+    num_warps = 8 if head_dim == 128 else 4
+    if dtype == torch.float32:
+        return 32, 32, num_warps
+    return 64, 64, num_warps
+
+
+def _plan(
+    qkv: Tensor, lang_len: int, num_heads: int, dropout_p: float, seed: int | None, offset: int
+) -> _Plan:
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    block_m, block_n, num_warps = _block_config(head_dim, qkv.dtype)
+    # bf16 tl.dot is silently wrong under the interpreter: upcast its operands there.
+    interpreted = qkv.device.type != "cuda"
+    upcast = qkv.dtype == torch.float32 or (interpreted and qkv.dtype == torch.bfloat16)
+    dropout = dropout_p > 0.0
+    if dropout and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+    return _Plan(
+        lang_len=lang_len,
+        vis_len=qkv.shape[1] - lang_len,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        block_m=block_m,
+        block_n=block_n,
+        num_warps=num_warps,
+        dot_dtype=tl.float32 if upcast else _TRITON_DTYPES[qkv.dtype],
+        dot_precision="ieee" if upcast else "tf32",
+        dropout=dropout,
+        seed=seed if dropout else 0,
+        offset=offset if dropout else 0,
+        threshold=probability_threshold(dropout_p) if dropout else 0,
+        drop_scale=1.0 / (1.0 - dropout_p) if 0.0 < dropout_p < 1.0 else 0.0,
+    )
+
+
+def _bias_args(bias: Tensor | None, qkv: Tensor) -> tuple[Tensor, int, int, int]:
+    """(pointer tensor, batch stride, token stride, length); an absent bias has length 0 and
+    passes qkv as its never-read pointer."""
+    if bias is None:
+        return qkv, 0, 0, 0
+    return bias, bias.stride(0), bias.stride(1), bias.shape[1]
+
+
+def _common_args(plan: _Plan) -> tuple:
+    return (
+        plan.lang_len,
+        plan.vis_len,
+        plan.num_heads,
+        plan.head_dim**-0.5,
+        plan.seed,
+        plan.offset,
+        plan.threshold,
+        plan.drop_scale,
+    )
+
+
+def _constexprs(plan: _Plan) -> dict:
+    return {
+        "HEAD_DIM": plan.head_dim,
+        "BLOCK_M": plan.block_m,
+        "BLOCK_N": plan.block_n,
+        "DROPOUT": plan.dropout,
+        "DOT_DTYPE": plan.dot_dtype,
+        "DOT_PRECISION": plan.dot_precision,
+        "num_warps": plan.num_warps,
+    }
+
+
+def _forward(
+    qkv: Tensor, lang_bias: Tensor | None, visual_bias: Tensor | None, plan: _Plan
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch, total, _ = qkv.shape
+    hidden = plan.num_heads * plan.head_dim
+    out = torch.empty((batch, total, hidden), dtype=qkv.dtype, device=qkv.device)
+    stats = torch.empty((2, batch, plan.num_heads, total), dtype=torch.float32, device=qkv.device)
+    grid = (
+        batch * plan.num_heads,
+        triton.cdiv(plan.lang_len, plan.block_m) + triton.cdiv(plan.vis_len, plan.block_m),
+    )
+    _cross_attention_fwd_kernel[grid](
+        qkv,
+        qkv.stride(0),
+        qkv.stride(1),
+        *_bias_args(lang_bias, qkv),
+        *_bias_args(visual_bias, qkv),
+        out,
+        out.stride(0),
+        out.stride(1),
+        stats[0],
+        stats[1],
+        *_common_args(plan),
+        **_constexprs(plan),
+    )
+    return out, stats[0], stats[1]
+
+
+def _backward(
+    qkv: Tensor,
+    lang_bias: Tensor | None,
+    visual_bias: Tensor | None,
+    out: Tensor,
+    dout: Tensor,
+    row_max: Tensor,
+    row_inv_sum: Tensor,
+    plan: _Plan,
+) -> Tensor:
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    batch = qkv.shape[0]
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    grid = (
+        batch * plan.num_heads,
+        triton.cdiv(plan.vis_len, plan.block_n)
+        + triton.cdiv(plan.lang_len, plan.block_n)
+        + triton.cdiv(plan.lang_len, plan.block_m)
+        + triton.cdiv(plan.vis_len, plan.block_m),
+    )
+    _cross_attention_bwd_kernel[grid](
+        qkv,
+        qkv.stride(0),
+        qkv.stride(1),
+        *_bias_args(lang_bias, qkv),
+        *_bias_args(visual_bias, qkv),
+        out,
+        out.stride(0),
+        out.stride(1),
+        dout,
+        dout.stride(0),
+        dout.stride(1),
+        dqkv,
+        dqkv.stride(0),
+        dqkv.stride(1),
+        row_max,
+        row_inv_sum,
+        *_common_args(plan),
+        **_constexprs(plan),
+    )
+    return dqkv
+
+
+class CrossAttentionFunction(torch.autograd.Function):
+    """Autograd of the fused cross-attention; gradients flow to ``qkv`` only (biases get None)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        qkv: Tensor,
+        lang_bias: Tensor | None,
+        visual_bias: Tensor | None,
+        plan: _Plan,
+    ) -> Tensor:
+        lang_bias = None if lang_bias is None else lang_bias.to(qkv.dtype)
+        visual_bias = None if visual_bias is None else visual_bias.to(qkv.dtype)
+        out, row_max, row_inv_sum = _forward(qkv, lang_bias, visual_bias, plan)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(qkv, lang_bias, visual_bias, out, row_max, row_inv_sum)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor, None, None, None]:
+        qkv, lang_bias, visual_bias, out, row_max, row_inv_sum = ctx.saved_tensors
+        dqkv = _backward(qkv, lang_bias, visual_bias, out, dout, row_max, row_inv_sum, ctx.plan)
+        return dqkv, None, None, None
+
+
+def cross_attention(
+    qkv: Tensor,
+    lang_len: int,
+    num_heads: int,
+    lang_bias: Tensor | None,
+    visual_bias: Tensor | None,
+    dropout_p: float = 0.0,
+    *,
+    seed: int | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """Context [B, L+V, hidden] of both directions (the fast path of ``ops.CROSS_ATTENTION``).
+
+    ``dropout_p > 0`` means training: probabilities are dropped with a Philox stream keyed by
+    ``seed`` (drawn from torch's default CPU generator when None) from counter ``offset``.
+    """
+    plan = _plan(qkv, lang_len, num_heads, dropout_p, seed, offset)
+    return CrossAttentionFunction.apply(qkv, lang_bias, visual_bias, plan)
+
+
+def supports(
+    qkv: Tensor,
+    lang_len: int,
+    num_heads: int,
+    lang_bias: Tensor | None,
+    visual_bias: Tensor | None,
+    dropout_p: float = 0.0,
+) -> str | None:
+    """None when the kernel can serve the call, else why not (shapes are checked by ops)."""
+    if qkv.device.type != "cuda" and not _INTERPRETED:
+        return f"{qkv.device.type} tensors need TRITON_INTERPRET=1 set before the kernel import"
+    if qkv.dtype not in KERNEL_DTYPES:
+        return f"qkv dtype {qkv.dtype} is not supported (float32, float16, bfloat16)"
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim} is not supported (one of {', '.join(map(str, HEAD_DIMS))})"
+    if qkv.stride(-1) != 1:
+        return f"qkv last-dimension stride {qkv.stride(-1)} != 1"
+    for name, bias in (("lang_bias", lang_bias), ("visual_bias", visual_bias)):
+        if bias is not None and bias.requires_grad:
+            return f"{name} requires grad; the kernel computes no bias gradient"
+    return None
+
+
+def dropout_keep_masks(
+    seed: int,
+    offset: int,
+    batch: int,
+    num_heads: int,
+    lang_len: int,
+    vis_len: int,
+    dropout_p: float,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """For tests: the keep masks the kernels draw, (lang→vision [B,h,L,V], vision→lang [B,h,V,L]) bool.
+
+    Runs the same ``_direction``/``_dropout_keep`` helpers as the attention kernels, so
+    ``reference.bidirectional_cross_attention(..., keep_masks=...)`` reproduces a fused call.
+    """
+    lang_keep = torch.empty((batch, num_heads, lang_len, vis_len), dtype=torch.uint8, device=device)
+    vis_keep = torch.empty((batch, num_heads, vis_len, lang_len), dtype=torch.uint8, device=device)
+    block = 64
+    grid = (batch * num_heads, triton.cdiv(lang_len, block) + triton.cdiv(vis_len, block))
+    _dropout_keep_masks_kernel[grid](
+        lang_keep,
+        vis_keep,
+        lang_len,
+        vis_len,
+        seed,
+        offset,
+        probability_threshold(dropout_p),
+        BLOCK_M=block,
+        BLOCK_N=block,
+    )
+    return lang_keep.bool(), vis_keep.bool()
+
+
+def sm90_variants() -> list[KernelVariant]:
+    """Every specialisation the launchers can pick: dtype x head_dim x bias flags x dropout, fwd+bwd."""
+    variants = []
+    for dtype in KERNEL_DTYPES:
+        io = _SIGNATURE_DTYPES[dtype]
+        for head_dim in HEAD_DIMS:
+            block_m, block_n, num_warps = _block_config(head_dim, dtype)
+            for dropout in (False, True):
+                constexprs = {
+                    "HEAD_DIM": head_dim,
+                    "BLOCK_M": block_m,
+                    "BLOCK_N": block_n,
+                    "DROPOUT": dropout,
+                    "DOT_DTYPE": tl.float32 if dtype == torch.float32 else _TRITON_DTYPES[dtype],
+                    "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                }
+                for name, fn, signature in (
+                    ("fwd", _cross_attention_fwd_kernel, _fwd_signature(io)),
+                    ("bwd", _cross_attention_bwd_kernel, _bwd_signature(io)),
+                ):
+                    variants.append(
+                        KernelVariant(
+                            name=f"cross_attention_{name}_{io}_d{head_dim}_drop{int(dropout)}",
+                            fn=fn,
+                            signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
+                            constexprs=constexprs,
+                            num_warps=num_warps,
+                        )
+                    )
+    variants.append(
+        KernelVariant(
+            name="cross_attention_dropout_keep_masks",
+            fn=_dropout_keep_masks_kernel,
+            signature={
+                "lang_keep_ptr": "*u8",
+                "vis_keep_ptr": "*u8",
+                "lang_len": "i32",
+                "vis_len": "i32",
+                "seed": "i32",
+                "drop_offset": "i32",
+                "drop_threshold": "i32",
+                "BLOCK_M": "constexpr",
+                "BLOCK_N": "constexpr",
+            },
+            constexprs={"BLOCK_M": 64, "BLOCK_N": 64},
+        )
+    )
+    return variants
+
+
+def _scalar_signature() -> dict[str, str]:
+    return {
+        "lang_len": "i32",
+        "vis_len": "i32",
+        "num_heads": "i32",
+        "sm_scale": "fp32",
+        "seed": "i32",
+        "drop_offset": "i32",
+        "drop_threshold": "i32",
+        "drop_scale": "fp32",
+    }
+
+
+def _fwd_signature(io: str) -> dict[str, str]:
+    return {
+        "qkv_ptr": f"*{io}",
+        "stride_qkv_b": "i32",
+        "stride_qkv_t": "i32",
+        "lang_bias_ptr": f"*{io}",
+        "stride_lb_b": "i32",
+        "stride_lb_t": "i32",
+        "lang_bias_len": "i32",
+        "vis_bias_ptr": f"*{io}",
+        "stride_vb_b": "i32",
+        "stride_vb_t": "i32",
+        "vis_bias_len": "i32",
+        "out_ptr": f"*{io}",
+        "stride_out_b": "i32",
+        "stride_out_t": "i32",
+        "row_max_ptr": "*fp32",
+        "row_inv_sum_ptr": "*fp32",
+        **_scalar_signature(),
+    }
+
+
+def _bwd_signature(io: str) -> dict[str, str]:
+    return {
+        "qkv_ptr": f"*{io}",
+        "stride_qkv_b": "i32",
+        "stride_qkv_t": "i32",
+        "lang_bias_ptr": f"*{io}",
+        "stride_lb_b": "i32",
+        "stride_lb_t": "i32",
+        "lang_bias_len": "i32",
+        "vis_bias_ptr": f"*{io}",
+        "stride_vb_b": "i32",
+        "stride_vb_t": "i32",
+        "vis_bias_len": "i32",
+        "out_ptr": f"*{io}",
+        "stride_out_b": "i32",
+        "stride_out_t": "i32",
+        "dout_ptr": f"*{io}",
+        "stride_dout_b": "i32",
+        "stride_dout_t": "i32",
+        "dqkv_ptr": f"*{io}",
+        "stride_dqkv_b": "i32",
+        "stride_dqkv_t": "i32",
+        "row_max_ptr": "*fp32",
+        "row_inv_sum_ptr": "*fp32",
+        **_scalar_signature(),
+    }
+
+
+register_fast_path(ops.CROSS_ATTENTION, cross_attention, supports)

@@ -9,7 +9,8 @@ Three backends:
 * ``triton``: always the fast path, also for CPU tensors (run the Triton kernels under
   ``TRITON_INTERPRET=1``). A case the fast path cannot serve raises
   :class:`BackendUnavailableError` instead of falling back: asking for a kernel and silently
-  not getting it would make every parity test pass vacuously.
+  not getting it would make every parity test pass vacuously. Ops without a kernel by
+  design (self-attention: its cost is the GEMMs around it) run the reference.
 
 Chosen by the environment variable ``LXMERT_FAST_BACKEND`` at import time and overridden,
 per thread and per context, by ``with lxmert_fast.use_backend(name):``.
@@ -99,12 +100,18 @@ def fast_path_of(op: str) -> FastPath | None:
     return _fast_paths.get(op)
 
 
-def choose(op: str, device: torch.device, *args, **kwargs) -> Callable | None:
-    """The fast implementation to run for this call of ``op``, or ``None`` for the reference."""
+def choose(op: str, device: torch.device, *args, optional: bool = False, **kwargs) -> Callable | None:
+    """The fast implementation to run for this call of ``op``, or ``None`` for the reference.
+
+    ``optional``: the op has no kernel of its own by design (it is GEMM/SDPA-bound), so
+    with none registered it runs the reference under every backend, ``triton`` included.
+    """
     backend = current_backend()
     if backend == "reference":
         return None
     fast = _fast_paths.get(op)
+    if fast is None and optional:
+        return None
     if backend == "auto" and device.type != "cuda" and (fast is None or not fast.on_cpu):
         return None
     reason = "no fast path is registered for it" if fast is None else fast.supports(*args, **kwargs)

@@ -94,7 +94,7 @@ def self_attention(
     check_same_device([("qkv", qkv), ("bias", bias)])
     check_probability("dropout_p", dropout_p)
     if not need_probs:
-        fast = choose(SELF_ATTENTION, qkv.device, qkv, num_heads, bias, dropout_p)
+        fast = choose(SELF_ATTENTION, qkv.device, qkv, num_heads, bias, dropout_p, optional=True)
         if fast is not None:
             return fast(qkv, num_heads, bias, dropout_p), None
     context, probs = reference.self_attention(qkv, num_heads, bias, dropout_p)
@@ -185,3 +185,23 @@ def roi_feature_mask(
     b, n, _ = features.shape
     bits = philox_bits(seed, offset, b * n, features.device).view(b, n, 4)
     return reference.roi_feature_mask(features, bits, p_select, p_zero, p_replace)
+
+
+def _register_fast_paths() -> None:
+    """Import the fast-path modules; each registers itself with the backend on import.
+
+    The C++ op is always there (built by setup.py, or JIT-built on first use); the Triton
+    kernels only where triton is installed (the reference serves everything without it).
+    """
+    import importlib
+    import importlib.util
+
+    importlib.import_module("lxmert_fast.roi_mask")
+    if importlib.util.find_spec("triton") is None:
+        return
+    for name in TRITON_KERNEL_MODULES:
+        importlib.import_module(f"lxmert_fast.kernels.{name}")
+
+
+TRITON_KERNEL_MODULES = ("cross_attention", "residual_layer_norm")
+_register_fast_paths()

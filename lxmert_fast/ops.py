@@ -203,5 +203,5 @@ def _register_fast_paths() -> None:
         importlib.import_module(f"lxmert_fast.kernels.{name}")
 
 
-TRITON_KERNEL_MODULES = ("cross_attention", "residual_layer_norm")
+TRITON_KERNEL_MODULES = ("cross_attention", "residual_layer_norm", "visual_embedding")
 _register_fast_paths()

@@ -1,0 +1,73 @@
+"""Fused visual embedding vs eager PyTorch (lxmert_fast.reference), forward + backward.
+
+bf16, LXMERT pre-training shapes: B in {32, 256} images x 36 objects, 2048 -> 768, dropout
+0.1 (training). The RoI features are data (no gradient), as in pre-training; every weight,
+bias and the boxes get gradients. Peak memory above the inputs goes to
+``benchmark.extra_info["peak_mib"]``. Needs CUDA: the fused kernels are Triton.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lxmert_fast import reference
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: the fused kernel is Triton and timing needs a device",
+)
+
+OBJECTS, FEAT_DIM, HIDDEN, POS_DIM = 36, 2048, 768, 4
+DROPOUT_P = 0.1
+EPS = 1e-12
+DTYPE = torch.bfloat16
+
+
+def _inputs(batch: int) -> list[torch.Tensor]:
+    def param(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        t = torch.randn(*shape, device="cuda") * scale + shift
+        return t.to(DTYPE).requires_grad_()
+
+    return [
+        torch.randn(batch, OBJECTS, FEAT_DIM, device="cuda", dtype=DTYPE),
+        torch.rand(batch, OBJECTS, POS_DIM, device="cuda").to(DTYPE).requires_grad_(),
+        param(HIDDEN, FEAT_DIM, scale=FEAT_DIM**-0.5),
+        param(HIDDEN, scale=0.1),
+        param(HIDDEN, scale=0.1, shift=1.0),
+        param(HIDDEN, scale=0.1),
+        param(HIDDEN, POS_DIM, scale=0.5),
+        param(HIDDEN, scale=0.1),
+        param(HIDDEN, scale=0.1, shift=1.0),
+        param(HIDDEN, scale=0.1),
+    ]
+
+
+def _implementation(name: str):
+    if name == "eager":
+        return reference.visual_embedding
+    from lxmert_fast.kernels.visual_embedding import visual_embedding
+
+    return visual_embedding
+
+
+@pytest.mark.parametrize("batch", [32, 256])
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+def test_visual_embedding_fwd_bwd(benchmark, impl, batch):
+    fn = _implementation(impl)
+    inputs = _inputs(batch)
+    grad_out = torch.randn(batch, OBJECTS, HIDDEN, device="cuda", dtype=DTYPE)
+
+    def step() -> None:
+        out = fn(*inputs, EPS, DROPOUT_P)
+        out.backward(grad_out)
+        torch.cuda.synchronize()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    benchmark.extra_info["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    benchmark.extra_info["rows"] = batch * OBJECTS
+    benchmark.pedantic(step, rounds=50, iterations=1, warmup_rounds=5)

@@ -83,3 +83,15 @@ def twins(hf_cls_name: str, ours_cls, **config):
     ours = ours_cls(lxmert_fast.LxmertConfig(**config)).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours
+
+
+def max_scaled_diff(a, b) -> float:
+    """Max over tensors of |a - b| / max(1, max|a|): 1e-5 then means 1e-5 relative for large
+    tensors (parameter gradients summed over many rows) and absolute for small ones."""
+    worst = 0.0
+    for x, y in zip(flatten(a), flatten(b), strict=True):
+        assert x.shape == y.shape
+        if x.numel():
+            scale = max(1.0, x.double().abs().max().item())
+            worst = max(worst, (x.double() - y.double()).abs().max().item() / scale)
+    return worst

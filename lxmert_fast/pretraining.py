@@ -1,0 +1,247 @@
+"""Pieces of the LXMERT pre-training loop that do not depend on DeepSpeed (``train.py`` wires them).
+
+* :data:`PRESETS` — model sizes (``paper`` = 9/5/5 x 768);
+* :func:`build_config` — a :class:`~lxmert_fast.LxmertConfig` for the data and the task switches;
+* :func:`mask_objects` — masked-object corruption on the device (``ops.roi_feature_mask``) and the
+  visual targets;
+* :func:`pretraining_step_inputs` / :func:`weighted_loss` / :func:`accuracy_counts`;
+* :class:`BertAdam` — the authors' Adam without bias correction; :func:`linear_warmup_decay`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from lxmert_fast import ops
+from lxmert_fast.config import LxmertConfig
+
+Tensor = torch.Tensor
+
+PRESETS: dict[str, dict[str, int]] = {
+    "paper": dict(
+        hidden_size=768, num_attention_heads=12, intermediate_size=3072, l_layers=9, x_layers=5, r_layers=5
+    ),
+    "small": dict(
+        hidden_size=128, num_attention_heads=4, intermediate_size=256, l_layers=2, x_layers=2, r_layers=1
+    ),
+    "tiny": dict(
+        hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1, x_layers=1, r_layers=1
+    ),
+}
+TASK_LOSSES = ("mlm", "matched", "obj", "attr", "feat", "qa")
+# The authors sum every loss with weight 1 (visual losses carry 1/0.15 inside the model).
+AUTHORS_LOSS_WEIGHTS = dict.fromkeys(TASK_LOSSES, 1.0)
+
+
+def build_config(
+    preset: str,
+    vocab_size: int,
+    visual_feat_dim: int,
+    num_answers: int,
+    tasks: dict[str, bool],
+    visual_losses: Iterable[str] = ("obj", "attr", "feat"),
+    num_object_labels: int = 1600,
+    num_attr_labels: int = 400,
+    obj_mask_rate: float = 0.15,
+) -> LxmertConfig:
+    """Config for ``preset`` with the task switches ``tasks`` (keys mlm, matched, obj, qa)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    visual_losses = set(visual_losses)
+    unknown = visual_losses - {"obj", "attr", "feat"}
+    if unknown:
+        raise ValueError(f"visual_losses: unknown {sorted(unknown)}; expected a subset of obj,attr,feat")
+    return LxmertConfig(
+        vocab_size=vocab_size,
+        visual_feat_dim=visual_feat_dim,
+        num_qa_labels=max(num_answers, 1),
+        num_object_labels=num_object_labels,
+        num_attr_labels=num_attr_labels,
+        task_mask_lm=tasks["mlm"],
+        task_matched=tasks["matched"],
+        task_obj_predict=tasks["obj"] and bool(visual_losses),
+        task_qa=tasks["qa"],
+        visual_obj_loss="obj" in visual_losses,
+        visual_attr_loss="attr" in visual_losses,
+        visual_feat_loss="feat" in visual_losses,
+        # The authors scale visual losses by exactly 1 / mask rate (transformers rounds to 6.67).
+        visual_loss_normalizer=1.0 / obj_mask_rate,
+        **PRESETS[preset],
+    )
+
+
+def mask_objects(
+    batch: dict[str, Tensor], seed: int, offset: int, rate: float, obj_loss_on: str
+) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """Corrupt the RoI features on their device and build the visual targets.
+
+    Returns (corrupted features, ``obj_labels`` for the model, selected-object mask [B, N]).
+    Feature regression always counts only selected objects; ``obj_loss_on="all"`` weights the
+    object/attribute cross-entropy by the detector confidence on every object (the authors'
+    code), ``"masked"`` only on selected objects.
+    """
+    if obj_loss_on not in ("all", "masked"):
+        raise ValueError(f"obj_loss_on: expected 'all' or 'masked', got {obj_loss_on!r}")
+    feats = batch["visual_feats"]
+    corrupted, action = ops.roi_feature_mask(feats.contiguous(), seed, offset, p_select=rate)
+    selected = (action > 0) & (batch["visual_mask"] > 0)
+    sel = selected.to(feats.dtype)
+    scope = sel if obj_loss_on == "masked" else batch["visual_mask"]
+    obj_labels = {
+        "obj": (batch["obj_ids"], batch["obj_conf"] * scope),
+        "attr": (batch["attr_ids"], batch["attr_conf"] * scope),
+        "feat": (feats, sel),
+    }
+    return corrupted, obj_labels, selected
+
+
+def model_inputs(
+    batch: dict[str, Tensor], visual_feats: Tensor, obj_labels: dict | None, use_visual_mask: bool
+) -> dict[str, Any]:
+    return {
+        "input_ids": batch["input_ids"],
+        "visual_feats": visual_feats,
+        "visual_pos": batch["visual_pos"],
+        "attention_mask": batch["attention_mask"],
+        "visual_attention_mask": batch["visual_mask"] if use_visual_mask else None,
+        "token_type_ids": batch["token_type_ids"],
+        "labels": batch["mlm_labels"],
+        "obj_labels": obj_labels,
+        "matched_label": batch["matched_label"],
+        "ans": batch["qa_label"],
+    }
+
+
+def weighted_loss(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    total = None
+    for key, value in losses.items():
+        term = value * weights.get(key, 1.0)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no task produced a loss: enable at least one of --task_mlm/matched/obj/qa")
+    return total
+
+
+def accuracy_counts(
+    out: Any, batch: dict[str, Tensor], selected: Tensor | None, visual: dict[str, Tensor] | None
+) -> dict[str, Tensor]:
+    """(correct, total) per task as float tensors [2], summable across steps and ranks.
+
+    mlm over labelled tokens; matched over all pairs; obj/attr over selected (masked) objects
+    (``visual``: the visual head's logits, see :class:`VisualLogits`); qa over pairs with an
+    answer label."""
+    counts = {}
+
+    def add(name: str, pred: Tensor, target: Tensor, valid: Tensor) -> None:
+        counts[name] = torch.stack([((pred == target) & valid).sum(), valid.sum()]).float()
+
+    labels = batch["mlm_labels"]
+    if out.prediction_logits is not None:
+        add("mlm", out.prediction_logits.argmax(-1), labels, labels >= 0)
+    add(
+        "matched",
+        out.cross_relationship_score.argmax(-1),
+        batch["matched_label"],
+        batch["matched_label"] >= 0,
+    )
+    logits = out.question_answering_score
+    if logits.dim() == 2:
+        add("qa", logits.argmax(-1), batch["qa_label"], batch["qa_label"] >= 0)
+    if visual and selected is not None:
+        for key in ("obj", "attr"):
+            if key in visual:
+                target = batch[f"{key}_ids"]
+                add(key, visual[key].argmax(-1), target, selected & (target >= 0))
+    return counts
+
+
+class VisualLogits:
+    """Captures the object/attribute logits of ``model.obj_predict_head`` (the model returns only
+    the losses) with a forward hook, for accuracies. ``.logits`` holds the latest call's dict."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.logits: dict[str, Tensor] | None = None
+        head = getattr(model, "obj_predict_head", None)
+        self.handle = None if head is None else head.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: dict[str, Tensor]) -> None:
+        self.logits = {k: v.detach() for k, v in output.items() if k != "feat"}
+
+    def pop(self) -> dict[str, Tensor] | None:
+        logits, self.logits = self.logits, None
+        return logits
+
+
+class BertAdam(torch.optim.Optimizer):
+    """The authors' optimiser (pytorch-pretrained-bert ``BertAdam``): Adam WITHOUT bias correction,
+    decoupled weight decay added to the update. The learning-rate schedule comes from outside.
+    (The original also clips each parameter's gradient norm separately; clipping here is the
+    global norm from ``gradient_clipping`` in ds.json.)"""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = m / (v.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights (BERT / the authors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(
+            p
+        )
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR factor: linear 0→1 over ``warmup_steps``, then linear to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def qa_weight(schedule: str, step: int, total_steps: int) -> float:
+    """``constant``: 1 throughout (the authors' released code). ``authors``: the paper's schedule,
+    QA off for the first half of training and weight 2 in the second half."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "authors":
+        return 0.0 if step < math.ceil(total_steps / 2) else 2.0
+    raise ValueError(f"qa_schedule: expected 'constant' or 'authors', got {schedule!r}")

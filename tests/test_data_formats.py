@@ -1,0 +1,208 @@
+"""The data formats: feature TSV, memory-mapped store, answer table, tokenizer, pre-training JSON."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lxmert_fast.data import (
+    AnswerTable,
+    FeatureFileError,
+    FeatureStore,
+    WordPieceTokenizer,
+    build_examples,
+    convert_tsv_to_store,
+    load_pretrain_json,
+    normalize_answer,
+    read_feature_tsv,
+    write_feature_tsv,
+)
+from lxmert_fast.data.synthetic import generate, write_answer_table, write_vocab
+from lxmert_fast.data.tsv import FIELDNAMES
+
+
+def make_items(count: int, dim: int = 7, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(count):
+        n = 3 + i % 3  # ragged on purpose: the store must not assume 36 boxes
+        items.append(
+            {
+                "img_id": f"COCO_val2014_{i:012d}",
+                "img_h": int(rng.integers(100, 900)),
+                "img_w": int(rng.integers(100, 900)),
+                "objects_id": rng.integers(0, 1600, n).astype(np.int64),
+                "objects_conf": rng.random(n).astype(np.float32),
+                "attrs_id": rng.integers(0, 400, n).astype(np.int64),
+                "attrs_conf": rng.random(n).astype(np.float32),
+                "num_boxes": n,
+                "boxes": (rng.random((n, 4)) * 500).astype(np.float32),
+                "features": (rng.random((n, dim)) * 10).astype(np.float32),
+            }
+        )
+    return items
+
+
+def assert_items_equal(got: dict, want: dict, feature_atol: float = 0.0) -> None:
+    assert set(got) == set(FIELDNAMES)
+    for key in FIELDNAMES:
+        if key == "features":
+            np.testing.assert_allclose(got[key], want[key], rtol=0, atol=feature_atol)
+        elif isinstance(want[key], np.ndarray):
+            assert got[key].dtype == want[key].dtype, key
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        else:
+            assert got[key] == want[key], key
+
+
+def test_tsv_round_trip(tmp_path):
+    items = make_items(5)
+    path = tmp_path / "feats.tsv"
+    assert write_feature_tsv(path, items) == 5
+    back = list(read_feature_tsv(path))
+    assert len(back) == 5
+    for got, want in zip(back, items, strict=True):
+        assert_items_equal(got, want)
+
+
+def test_tsv_huge_field(tmp_path):
+    """A real row is ~400 KB, above the csv module's default 128 KB field limit."""
+    items = make_items(1, dim=20000)
+    write_feature_tsv(tmp_path / "big.tsv", items)
+    (got,) = read_feature_tsv(tmp_path / "big.tsv")
+    assert_items_equal(got, items[0])
+
+
+@pytest.mark.parametrize("cut", ["mid_features", "mid_boxes", "after_id"])
+def test_truncated_row_names_file_and_line(tmp_path, cut):
+    path = tmp_path / "feats.tsv"
+    write_feature_tsv(path, make_items(3))
+    lines = path.read_text().splitlines(keepends=True)
+    row = lines[1]
+    fields = row.split("\t")
+    if cut == "mid_features":
+        row = row[: len(row) - len(fields[-1]) // 2]
+    elif cut == "mid_boxes":
+        row = "\t".join(fields[:8]) + "\t" + fields[8][: len(fields[8]) // 2] + "\n"
+    else:
+        row = fields[0] + "\n"
+    path.write_text(lines[0] + row + lines[2])
+    with pytest.raises(FeatureFileError, match=r"feats\.tsv:2: "):
+        list(read_feature_tsv(path))
+
+
+def test_corrupted_base64_names_field(tmp_path):
+    path = tmp_path / "feats.tsv"
+    write_feature_tsv(path, make_items(2))
+    lines = path.read_text().splitlines(keepends=True)
+    fields = lines[1].split("\t")
+    fields[4] = "!!" + fields[4][2:]
+    path.write_text(lines[0] + "\t".join(fields))
+    with pytest.raises(FeatureFileError, match=r"feats\.tsv:2: field 'objects_conf'"):
+        list(read_feature_tsv(path))
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_store_round_trips_every_field(tmp_path, fp16):
+    items = make_items(7)
+    write_feature_tsv(tmp_path / "a.tsv", items[:4])
+    write_feature_tsv(tmp_path / "b.tsv", items[4:])
+    index = convert_tsv_to_store([tmp_path / "a.tsv", tmp_path / "b.tsv"], tmp_path / "store", fp16=fp16)
+    assert index["feature_dtype"] == ("float16" if fp16 else "float32")
+    assert index["num_boxes_total"] == sum(item["num_boxes"] for item in items)
+    store = FeatureStore(tmp_path / "store")
+    assert len(store) == 7 and store.feature_dim == 7
+    for want in items:
+        got = store[want["img_id"]]
+        assert got["features"].dtype == np.float32
+        assert_items_equal(got, want, feature_atol=1e-2 if fp16 else 0.0)
+    with pytest.raises(KeyError, match="not in the feature store"):
+        store["missing"]
+
+
+def test_store_rejects_duplicate_image(tmp_path):
+    items = make_items(2)
+    write_feature_tsv(tmp_path / "a.tsv", items)
+    with pytest.raises(ValueError, match="duplicate img_id"):
+        convert_tsv_to_store([tmp_path / "a.tsv", tmp_path / "a.tsv"], tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        ("Yes", "yes"),
+        ("two", "2"),
+        ("Red.", "red"),
+        ("the man", "man"),
+        ("A woman", "woman"),
+        ("an apple", "apple"),
+        ("grey", "gray"),
+        ("the grey.", "gray"),
+        ("", ""),
+        ("tennis racket", "tennis racket"),
+    ],
+)
+def test_answer_normalisation(raw, want):
+    assert normalize_answer(raw) == want
+
+
+def test_answer_table_authors_format(tmp_path):
+    path = tmp_path / "all_ans.json"
+    path.write_text(json.dumps([{"ans": "yes", "dsets": ["vqa", "gqa"]}, {"ans": "2", "dsets": ["vqa"]},
+                                {"ans": "left", "dsets": ["gqa"]}]))  # fmt: skip
+    table = AnswerTable.load(path)
+    assert len(table) == 3 and table.ans2id("left") == 2
+    vqa = AnswerTable.load(path, dsets=["vqa"])
+    assert vqa.answers == ["yes", "2"]
+    assert vqa.convert_label({"Two": 0.6, "2.": 0.3, "Yes": 1.0, "left": 1.0}) == {
+        1: pytest.approx(0.9),
+        0: 1.0,
+    }
+
+
+def test_tokenizer_keeps_real_words(tmp_path):
+    write_vocab(str(tmp_path / "vocab.txt"))
+    tok = WordPieceTokenizer(tmp_path / "vocab.txt")
+    assert tok.tokenize("A Red dog and two Cats?") == ["a", "red", "dog", "and", "two", "cat", "##s", "?"]
+    assert tok.tokenize("zebra") == ["[UNK]"]
+    ids = tok.encode("what color is the dog ?", max_len=5)
+    assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id and len(ids) == 5
+    assert tok.convert_ids_to_tokens(ids[1:-1]) == ["what", "color", "is"]
+
+
+def test_pretrain_json_and_examples(tmp_path):
+    write_answer_table(str(tmp_path / "all_ans.json"))
+    data = [
+        {"img_id": "x", "sentf": {"mscoco": ["a red dog ."], "vqa": ["what color ?", "how many ?"]},
+         "labelf": {"vqa": [{"Red.": 1.0}, {"zebra": 1.0}]}},
+    ]  # fmt: skip
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    table = AnswerTable.load(tmp_path / "all_ans.json", dsets=["vqa"])
+    examples = build_examples(load_pretrain_json(tmp_path / "p.json"), table)
+    assert [e.sent for e in examples] == ["a red dog .", "what color ?", "how many ?"]
+    assert examples[0].label is None
+    assert examples[1].label == {table.ans2id("red"): 1.0}
+    assert examples[2].label == {}  # answer outside the table: the sentence stays, QA label -1
+    assert build_examples(data, table, image_ids=["y"]) == []
+    bad = [{"img_id": "x", "sentf": {"vqa": ["a", "b"]}, "labelf": {"vqa": [{}]}}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="labelf"):
+        load_pretrain_json(tmp_path / "bad.json")
+
+
+def test_synthetic_files_in_real_formats(tmp_path):
+    meta = generate(str(tmp_path), num_train=6, num_valid=2, feat_dim=16, seed=3)
+    assert meta["feat_dim"] == 16
+    rows = list(read_feature_tsv(tmp_path / "train_obj36.tsv"))
+    assert len(rows) == 6 and rows[0]["features"].shape == (36, 16)
+    assert (rows[0]["boxes"][:, 2] <= rows[0]["img_w"]).all() and (
+        rows[0]["boxes"][:, 3] <= rows[0]["img_h"]
+    ).all()
+    data = load_pretrain_json(tmp_path / "train.json")
+    tok = WordPieceTokenizer(tmp_path / "vocab.txt")
+    for datum in data:
+        for sents in datum["sentf"].values():
+            for sent in sents:
+                assert "[UNK]" not in tok.tokenize(sent), sent

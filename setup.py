@@ -81,9 +81,21 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors", "packaging", "ninja"],
     extras_require={
         "triton": ["triton>=3.1"],
+        # train.py: DeepSpeed ZeRO pre-training, WordPiece tokenisation, the progress bar.
+        "train": ["deepspeed>=0.19", "tokenizers>=0.15", "tqdm"],
         # pybind11 (with ninja above): the torch C++-extension toolchain, so a test environment can
         # rebuild the op; this extension creates its module with the Python C API and torch also
         # bundles pybind11's headers, so a plain install does not need it.
-        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "triton>=3.1", "ruff", "pybind11"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "transformers>=4.40",
+            "triton>=3.1",
+            "ruff",
+            "pybind11",
+            "deepspeed>=0.19",
+            "tokenizers>=0.15",
+            "tqdm",
+        ],
     },
 )

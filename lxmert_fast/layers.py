@@ -12,8 +12,8 @@ changes from transformers, neither visible in the state dict:
 * Attention masks travel as additive key biases ``[B, T]`` (see :func:`mask_to_bias`)
   instead of ``[B, 1, 1, T]``.
 
-Under DeepSpeed ZeRO-3 the attention modules read their child ``nn.Linear`` weights
-directly, so they must be declared ZeRO-3 leaf modules (``ATTENTION_MODULES``).
+Under DeepSpeed ZeRO-3 some modules read their children's weights directly, so they
+must be declared ZeRO-3 leaf modules (``ZERO3_LEAF_MODULES``).
 """
 
 from __future__ import annotations
@@ -268,8 +268,10 @@ class VisualFeatureEncoder(nn.Module):
         )
 
 
-# Modules that read child parameters outside the child's forward (ZeRO-3 must gather them whole).
-ATTENTION_MODULES = (SelfAttentionLayer, CrossAttentionLayer, VisualFeatureEncoder)
+# Modules that read child parameters outside the child's forward (ZeRO-3 must gather them
+# whole): the fused Q/K/V projections, the residual+LayerNorm blocks (attention and FFN
+# outputs) and the visual embedding.
+ZERO3_LEAF_MODULES = (SelfAttentionLayer, CrossAttentionLayer, AttentionOutput, VisualFeatureEncoder)
 
 
 def replace_cross_layers(model: nn.Module, config: Any | None = None) -> int:

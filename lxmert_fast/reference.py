@@ -44,9 +44,9 @@ def attention_probs(q: Tensor, k: Tensor, bias: Tensor | None) -> Tensor:
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if bias is not None:
         scores = scores + bias[:, None, None, :].to(scores.dtype)
+    # Rows whose every key is -inf get zeros instead of NaN. No `if dead.any()` shortcut:
+    # that would cost a device sync per call on CUDA, where self-attention runs this code.
     dead = scores.amax(dim=-1, keepdim=True) == float("-inf")
-    if not dead.any():
-        return torch.softmax(scores, dim=-1)
     return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 

@@ -95,3 +95,29 @@ def max_scaled_diff(a, b) -> float:
             scale = max(1.0, x.double().abs().max().item())
             worst = max(worst, (x.double() - y.double()).abs().max().item() / scale)
     return worst
+
+
+def synthetic_corpus(path, num_train: int, num_valid: int, feat_dim: int, seed: int, splits=("train",)):
+    """Generate the synthetic set in ``path`` and open it as the trainer does: the feature TSVs of
+    ``splits`` converted to one store, the tokenizer, the vqa answer table and each split's
+    examples. Returns (store, tokenizer, table, {split: examples})."""
+    from lxmert_fast.data import (
+        AnswerTable,
+        FeatureStore,
+        WordPieceTokenizer,
+        build_examples,
+        convert_tsv_to_store,
+        load_pretrain_json,
+    )
+    from lxmert_fast.data.synthetic import generate
+
+    generate(str(path), num_train=num_train, num_valid=num_valid, feat_dim=feat_dim, seed=seed)
+    convert_tsv_to_store([path / f"{split}_obj36.tsv" for split in splits], path / "store")
+    store = FeatureStore(path / "store")
+    tokenizer = WordPieceTokenizer(path / "vocab.txt")
+    table = AnswerTable.load(path / "all_ans.json", dsets=["vqa"])
+    examples = {
+        split: build_examples(load_pretrain_json(path / f"{split}.json"), table, image_ids=store.keys())
+        for split in splits
+    }
+    return store, tokenizer, table, examples

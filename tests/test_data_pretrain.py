@@ -5,33 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lxmert_testing import synthetic_corpus
 
 from lxmert_fast import pretraining as pt
 from lxmert_fast.data import (
-    AnswerTable,
     EpochBatchSampler,
-    FeatureStore,
     PretrainDataset,
-    WordPieceTokenizer,
-    build_examples,
-    convert_tsv_to_store,
-    load_pretrain_json,
     read_feature_tsv,
 )
-from lxmert_fast.data.synthetic import OBJECTS, generate
+from lxmert_fast.data.synthetic import OBJECTS
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("syn")
-    generate(str(path), num_train=30, num_valid=4, feat_dim=16, seed=2)
-    convert_tsv_to_store([path / "train_obj36.tsv"], path / "store")
-    store = FeatureStore(path / "store")
-    tok = WordPieceTokenizer(path / "vocab.txt")
-    table = AnswerTable.load(path / "all_ans.json", dsets=["vqa"])
-    examples = build_examples(load_pretrain_json(path / "train.json"), table, image_ids=store.keys())
+    store, tok, table, examples = synthetic_corpus(path, num_train=30, num_valid=4, feat_dim=16, seed=2)
     rows = {row["img_id"]: row for row in read_feature_tsv(path / "train_obj36.tsv")}
-    return store, tok, table, examples, rows
+    return store, tok, table, examples["train"], rows
 
 
 def test_item_contents(corpus):

@@ -12,20 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lxmert_testing import synthetic_corpus
 
 import lxmert_fast
 from lxmert_fast import pretraining as pt
-from lxmert_fast.data import (
-    AnswerTable,
-    EpochBatchSampler,
-    FeatureStore,
-    PretrainDataset,
-    WordPieceTokenizer,
-    build_examples,
-    convert_tsv_to_store,
-    load_pretrain_json,
-)
-from lxmert_fast.data.synthetic import generate
+from lxmert_fast.data import EpochBatchSampler, PretrainDataset
 
 pytest.importorskip("tokenizers")
 
@@ -41,20 +32,11 @@ def image_label(batch: dict) -> torch.Tensor:
 
 
 def test_image_only_label_is_learned_through_the_data_path(tmp_path):
-    generate(str(tmp_path), num_train=160, num_valid=60, feat_dim=32, seed=3)
-    convert_tsv_to_store([tmp_path / "train_obj36.tsv", tmp_path / "valid_obj36.tsv"], tmp_path / "store")
-    store = FeatureStore(tmp_path / "store")
-    tok = WordPieceTokenizer(tmp_path / "vocab.txt")
-    table = AnswerTable.load(tmp_path / "all_ans.json", dsets=["vqa"])
+    store, tok, table, examples = synthetic_corpus(
+        tmp_path, num_train=160, num_valid=60, feat_dim=32, seed=3, splits=("train", "valid")
+    )
     splits = {
-        name: PretrainDataset(
-            build_examples(load_pretrain_json(tmp_path / f"{name}.json"), table, image_ids=store.keys()),
-            store,
-            tok,
-            max_seq_len=16,
-            seed=0,
-        )
-        for name in ("train", "valid")
+        name: PretrainDataset(part, store, tok, max_seq_len=16, seed=0) for name, part in examples.items()
     }
     tasks = dict(mlm=False, matched=True, obj=False, qa=False)
     config = pt.build_config("tiny", len(tok), store.feature_dim, len(table), tasks, visual_losses=())

@@ -61,8 +61,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="file of object nouns for the masked-object-word probe "
         "(default DATA_DIR/object_words.txt if present)",
     )
-    d.add_argument("--max_seq_len", type=int, default=20, help="[CLS] + words + [SEP], padded")
-    d.add_argument("--num_boxes", type=int, default=36)
+    d.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=None,
+        help="[CLS] + words + [SEP], padded (default 20, the authors'; 12 for the synthetic set)",
+    )
+    d.add_argument(
+        "--num_boxes",
+        type=int,
+        default=None,
+        help="boxes per image (default 36; the synthetic set's own count)",
+    )
     d.add_argument(
         "--num_workers", type=int, default=None, help="loader workers (default 0 on CPU, 4 on GPU)"
     )
@@ -116,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max_steps",
         type=int,
         default=None,
-        help="optimizer steps (overrides --epochs; 300 for the synthetic default on CPU)",
+        help="optimizer steps (overrides --epochs; 1000 for the synthetic default on CPU)",
     )
     o.add_argument("--micro_batch", type=int, help="override train_micro_batch_size_per_gpu")
     o.add_argument("--grad_accum", type=int, help="override gradient_accumulation_steps")
@@ -197,18 +207,18 @@ def ds_config(args: argparse.Namespace, cuda: bool) -> dict:
 
 
 def prepare_data(args: argparse.Namespace, rank: int):
-    """Resolve (and on rank 0 generate / convert) the data; returns paths after a barrier."""
+    """Resolve (and on rank 0 generate / convert) the data; returns paths after a barrier.
+    Fills in the data-dependent defaults ``args.num_boxes`` and ``args.max_seq_len``."""
     import torch.distributed as dist
 
-    from lxmert_fast.data import convert_tsv_to_store, is_store
-    from lxmert_fast.data.synthetic import generate
+    from lxmert_fast.data import convert_tsv_to_store, is_store, synthetic
 
     data_dir = args.data_dir
-    synthetic = args.train is None
-    if synthetic:
+    use_synthetic = args.train is None
+    if use_synthetic:
         train = [os.path.join(data_dir, "train.json")]
         valid = [os.path.join(data_dir, "valid.json")]
-        features = [os.path.join(data_dir, "train_obj36.tsv"), os.path.join(data_dir, "valid_obj36.tsv")]
+        features = [os.path.join(data_dir, synthetic.feature_file(split)) for split in synthetic.SPLITS]
     else:
         train = args.train.split(",")
         valid = args.valid.split(",") if args.valid else []
@@ -219,9 +229,23 @@ def prepare_data(args: argparse.Namespace, rank: int):
     stores = [f for f in features if is_store(f)]
     store_dir = args.store_dir or os.path.join(data_dir, "feature_store")
     if rank == 0:
-        if synthetic and not os.path.isfile(os.path.join(data_dir, "meta.json")):
+        if use_synthetic and not os.path.isfile(os.path.join(data_dir, "meta.json")):
             print(f"generating the synthetic dataset in {data_dir}", flush=True)
-            generate(
+            synthetic.generate(
+                data_dir, num_train=args.synthetic_images, num_valid=max(20, args.synthetic_images // 10)
+            )
+        elif use_synthetic and not synthetic.is_current(data_dir):
+            # A set from an older generator (other files, other box count): rewrite it and drop
+            # the store converted from it, or training would mix the two formats.
+            if is_store(store_dir):
+                if args.store_dir is not None:
+                    raise SystemExit(
+                        f"--store_dir {store_dir}: converted from an older synthetic set in {data_dir}; "
+                        "remove it or name another directory, so it can be rebuilt from the new set"
+                    )
+                shutil.rmtree(store_dir)
+            print(f"regenerating the synthetic dataset in {data_dir} (older format)", flush=True)
+            synthetic.generate(
                 data_dir, num_train=args.synthetic_images, num_valid=max(20, args.synthetic_images // 10)
             )
         if tsvs and not is_store(store_dir):
@@ -235,6 +259,8 @@ def prepare_data(args: argparse.Namespace, rank: int):
     vocab = args.vocab or os.path.join(data_dir, "vocab.txt")
     answers = args.answer_table or os.path.join(data_dir, "all_ans.json")
     object_words = args.object_words or os.path.join(data_dir, "object_words.txt")
+    args.num_boxes = args.num_boxes or (synthetic.NUM_BOXES if use_synthetic else 36)
+    args.max_seq_len = args.max_seq_len or (synthetic.MAX_SEQ_LEN if use_synthetic else 20)
     return train, valid, stores[0], vocab, answers, object_words if os.path.isfile(object_words) else None
 
 
@@ -302,7 +328,9 @@ def main() -> None:
     )
     sampler = EpochBatchSampler(len(train_set), micro, rank, world, seed=args.seed)
     per_epoch = len(sampler) // accum
-    total_steps = args.max_steps or (300 if not cuda and args.train is None else int(args.epochs * per_epoch))
+    total_steps = args.max_steps or (
+        1000 if not cuda and args.train is None else int(args.epochs * per_epoch)
+    )
     workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
 
     tasks = {t: getattr(args, f"task_{t}") for t in TASKS}

@@ -109,10 +109,10 @@ def synthetic_corpus(path, num_train: int, num_valid: int, feat_dim: int, seed: 
         convert_tsv_to_store,
         load_pretrain_json,
     )
-    from lxmert_fast.data.synthetic import generate
+    from lxmert_fast.data.synthetic import feature_file, generate
 
     generate(str(path), num_train=num_train, num_valid=num_valid, feat_dim=feat_dim, seed=seed)
-    convert_tsv_to_store([path / f"{split}_obj36.tsv" for split in splits], path / "store")
+    convert_tsv_to_store([path / feature_file(split) for split in splits], path / "store")
     store = FeatureStore(path / "store")
     tokenizer = WordPieceTokenizer(path / "vocab.txt")
     table = AnswerTable.load(path / "all_ans.json", dsets=["vqa"])

@@ -19,7 +19,17 @@ from lxmert_fast.data import (
     read_feature_tsv,
     write_feature_tsv,
 )
-from lxmert_fast.data.synthetic import generate, write_answer_table, write_vocab
+from lxmert_fast.data.synthetic import (
+    ATTRIBUTES,
+    MAX_SEQ_LEN,
+    NUM_BOXES,
+    OBJECTS,
+    feature_file,
+    generate,
+    is_current,
+    write_answer_table,
+    write_vocab,
+)
 from lxmert_fast.data.tsv import FIELDNAMES
 
 
@@ -165,7 +175,7 @@ def test_answer_table_authors_format(tmp_path):
 def test_tokenizer_keeps_real_words(tmp_path):
     write_vocab(str(tmp_path / "vocab.txt"))
     tok = WordPieceTokenizer(tmp_path / "vocab.txt")
-    assert tok.tokenize("A Red dog and two Cats?") == ["a", "red", "dog", "and", "two", "cat", "##s", "?"]
+    assert tok.tokenize("A Red dog and two Cars?") == ["a", "red", "dog", "and", "two", "car", "##s", "?"]
     assert tok.tokenize("zebra") == ["[UNK]"]
     ids = tok.encode("what color is the dog ?", max_len=5)
     assert ids[0] == tok.cls_id and ids[-1] == tok.sep_id and len(ids) == 5
@@ -195,8 +205,9 @@ def test_pretrain_json_and_examples(tmp_path):
 def test_synthetic_files_in_real_formats(tmp_path):
     meta = generate(str(tmp_path), num_train=6, num_valid=2, feat_dim=16, seed=3)
     assert meta["feat_dim"] == 16
-    rows = list(read_feature_tsv(tmp_path / "train_obj36.tsv"))
-    assert len(rows) == 6 and rows[0]["features"].shape == (36, 16)
+    assert meta["num_boxes"] == NUM_BOXES and meta["feature_files"]["train"] == feature_file("train")
+    rows = list(read_feature_tsv(tmp_path / feature_file("train")))
+    assert len(rows) == 6 and rows[0]["features"].shape == (NUM_BOXES, 16)
     assert (rows[0]["boxes"][:, 2] <= rows[0]["img_w"]).all() and (
         rows[0]["boxes"][:, 3] <= rows[0]["img_h"]
     ).all()
@@ -206,3 +217,38 @@ def test_synthetic_files_in_real_formats(tmp_path):
         for sents in datum["sentf"].values():
             for sent in sents:
                 assert "[UNK]" not in tok.tokenize(sent), sent
+                assert len(tok.tokenize(sent)) + 2 <= MAX_SEQ_LEN, sent
+
+
+def test_synthetic_sentences_describe_their_image(tmp_path):
+    generate(str(tmp_path), num_train=40, num_valid=2, feat_dim=8, seed=4)
+    rows = {row["img_id"]: row for row in read_feature_tsv(tmp_path / feature_file("train"))}
+    table = AnswerTable.load(tmp_path / "all_ans.json", dsets=["vqa"])
+    for datum in load_pretrain_json(tmp_path / "train.json"):
+        row = rows[datum["img_id"]]
+        shown = row["objects_id"] < len(OBJECTS)
+        (cls,) = set(row["objects_id"][shown].tolist())
+        (attr,) = set(row["attrs_id"][shown].tolist())
+        name, color, count = OBJECTS[cls], ATTRIBUTES[attr], int(shown.sum())
+        assert 1 <= count < NUM_BOXES and (row["attrs_id"][~shown] >= len(ATTRIBUTES)).all()
+        for caption in datum["sentf"]["mscoco"] + datum["sentf"]["vg"]:
+            assert name in caption and color in caption, (caption, name, color)
+        answers = {}
+        for question, label in zip(datum["sentf"]["vqa"], datum["labelf"]["vqa"], strict=True):
+            best = max(table.convert_label(label).items(), key=lambda kv: kv[1])[0]
+            answers[question.split()[0] + " " + question.split()[1]] = table.id2ans(best)
+        assert answers["what color"] == color and answers["how many"] == str(count)
+        assert answers["what is"] == name and answers["is there"] in ("yes", "no")
+    # Images differ in class, colour and count: matching cannot be solved from the text alone.
+    classes = {int(r["objects_id"][r["objects_id"] < len(OBJECTS)][0]) for r in rows.values()}
+    assert len(classes) == len(OBJECTS)
+
+
+def test_synthetic_format_version(tmp_path):
+    assert not is_current(str(tmp_path))
+    generate(str(tmp_path), num_train=2, num_valid=1, feat_dim=4, seed=0)
+    assert is_current(str(tmp_path))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["format_version"] = 1  # a set written by an older generator (36 boxes, other file names)
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    assert not is_current(str(tmp_path))

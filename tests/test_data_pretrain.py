@@ -13,20 +13,20 @@ from lxmert_fast.data import (
     PretrainDataset,
     read_feature_tsv,
 )
-from lxmert_fast.data.synthetic import OBJECTS
+from lxmert_fast.data.synthetic import NUM_BOXES, OBJECTS, feature_file
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("syn")
     store, tok, table, examples = synthetic_corpus(path, num_train=30, num_valid=4, feat_dim=16, seed=2)
-    rows = {row["img_id"]: row for row in read_feature_tsv(path / "train_obj36.tsv")}
+    rows = {row["img_id"]: row for row in read_feature_tsv(path / feature_file("train"))}
     return store, tok, table, examples["train"], rows
 
 
 def test_item_contents(corpus):
     store, tok, _, examples, rows = corpus
-    data = PretrainDataset(examples, store, tok, max_seq_len=20, seed=5)
+    data = PretrainDataset(examples, store, tok, max_seq_len=20, num_boxes=NUM_BOXES, seed=5)
     for index in range(0, len(data), 7):
         item = data[index]
         ex = examples[index]
@@ -58,6 +58,19 @@ def test_item_contents(corpus):
     first = [data[i]["input_ids"] for i in range(40)]
     data.set_epoch(1)
     assert any(not torch.equal(a, data[i]["input_ids"]) for i, a in enumerate(first))
+
+
+def test_boxes_padded_to_num_boxes(corpus):
+    store, tok, _, examples, rows = corpus
+    extra = 3
+    item = PretrainDataset(examples, store, tok, num_boxes=NUM_BOXES + extra, seed=5)[0]
+    row = rows[examples[0].img_id]
+    assert item["visual_feats"].shape == (NUM_BOXES + extra, row["features"].shape[1])
+    assert item["visual_mask"].tolist() == [1.0] * NUM_BOXES + [0.0] * extra
+    assert (item["visual_feats"][NUM_BOXES:] == 0).all() and (item["visual_pos"][NUM_BOXES:] == 0).all()
+    assert (item["obj_ids"][NUM_BOXES:] == -1).all() and (item["attr_conf"][NUM_BOXES:] == 0).all()
+    fewer = PretrainDataset(examples, store, tok, num_boxes=NUM_BOXES - 1, seed=5)[0]
+    torch.testing.assert_close(fewer["visual_feats"], torch.from_numpy(row["features"][: NUM_BOXES - 1]))
 
 
 def test_masking_and_mismatch_rates(corpus):

@@ -3,7 +3,7 @@
 A probe, not a benchmark: the synthetic set goes through the real path (TSV -> feature store ->
 ``PretrainDataset`` -> ``mask_objects`` on the device -> ``model_inputs`` -> the model), and the
 matching head is trained on a label that depends on the image alone (does the image hold one of
-three object classes). A break anywhere in that path (features of the wrong image, boxes or
+two of the four object classes). A break anywhere in that path (features of the wrong image, boxes or
 masks misaligned, masking that wipes the features) leaves the held-out accuracy at the majority
 rate; intact, the tiny preset reaches 0.9-0.95 held-out accuracy within 250 steps (seeds 0-2).
 """
@@ -17,10 +17,11 @@ from lxmert_testing import synthetic_corpus
 import lxmert_fast
 from lxmert_fast import pretraining as pt
 from lxmert_fast.data import EpochBatchSampler, PretrainDataset
+from lxmert_fast.data.synthetic import NUM_BOXES
 
 pytest.importorskip("tokenizers")
 
-PROBE_CLASSES = (0, 1, 2)
+PROBE_CLASSES = (0, 1)
 STEPS = 250
 
 
@@ -36,7 +37,8 @@ def test_image_only_label_is_learned_through_the_data_path(tmp_path):
         tmp_path, num_train=160, num_valid=60, feat_dim=32, seed=3, splits=("train", "valid")
     )
     splits = {
-        name: PretrainDataset(part, store, tok, max_seq_len=16, seed=0) for name, part in examples.items()
+        name: PretrainDataset(part, store, tok, max_seq_len=16, num_boxes=NUM_BOXES, seed=0)
+        for name, part in examples.items()
     }
     tasks = dict(mlm=False, matched=True, obj=False, qa=False)
     config = pt.build_config("tiny", len(tok), store.feature_dim, len(table), tasks, visual_losses=())
@@ -56,7 +58,7 @@ def test_image_only_label_is_learned_through_the_data_path(tmp_path):
         sampler.set_epoch(epoch)
         for indices in sampler:
             batch = torch.utils.data.default_collate([splits["train"][i] for i in indices])
-            loss = forward(batch, steps * 32 * 36).loss
+            loss = forward(batch, steps * 32 * NUM_BOXES).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

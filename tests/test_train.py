@@ -110,3 +110,31 @@ def test_two_processes(data_dir, tmp_path):
     run_train(data_dir, tmp_path, "--zero_stage", "2", procs=2)
     train, valid = read_log(tmp_path)
     assert [r["step"] for r in train] == [1, 2, 3, 4] and valid
+
+
+def test_synthetic_set_of_an_older_format_is_regenerated(tmp_path):
+    import numpy as np
+
+    from lxmert_fast.data import FeatureStore, convert_tsv_to_store, write_feature_tsv
+    from lxmert_fast.data.synthetic import NUM_BOXES, feature_file, is_current
+
+    def feature_row(img_id: str, boxes: int, dim: int) -> dict:
+        return {"img_id": img_id, "img_h": 10, "img_w": 10, "num_boxes": boxes,
+                "objects_id": np.zeros(boxes, np.int64), "objects_conf": np.ones(boxes, np.float32),
+                "attrs_id": np.zeros(boxes, np.int64), "attrs_conf": np.ones(boxes, np.float32),
+                "boxes": np.ones((boxes, 4), np.float32), "features": np.ones((boxes, dim), np.float32)}  # fmt: skip
+
+    data = tmp_path / "data"
+    data.mkdir()
+    # What the first generator left: 36-box TSVs, no format version, a store made from them.
+    (data / "meta.json").write_text(json.dumps({"num_train": 3, "feat_dim": 24}))
+    write_feature_tsv(str(data / "train_obj36.tsv"), [feature_row("old_0", 36, 24)])
+    convert_tsv_to_store([data / "train_obj36.tsv"], data / "feature_store")
+    result = run_train(data, tmp_path / "out", "--synthetic_images", "24", "--no_export")
+    assert "regenerating the synthetic dataset" in result.stdout
+    assert is_current(str(data)) and (data / feature_file("train")).is_file()
+    store = FeatureStore(data / "feature_store")
+    image_ids = store.keys()
+    assert "old_0" not in image_ids and store["syn_train_000000"]["num_boxes"] == NUM_BOXES
+    train, _ = read_log(tmp_path / "out")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]

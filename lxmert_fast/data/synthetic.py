@@ -1,16 +1,22 @@
 """``python -m lxmert_fast.data.synthetic OUT_DIR``: a small learnable pre-training set in the real formats.
 
-Writes ``train_obj36.tsv``/``valid_obj36.tsv`` (feature TSV), ``train.json``/``valid.json``
-(pre-training JSON with mscoco/vg captions and vqa questions + ``labelf``), ``vocab.txt``
-(WordPiece; plurals are ``word ##s``), ``all_ans.json`` (answer table, authors' format),
-``object_words.txt`` (the nouns, for the masked-object-word probe) and ``meta.json``.
+Writes ``train_obj6.tsv``/``valid_obj6.tsv`` (feature TSV, 6 boxes per image), ``train.json``/
+``valid.json`` (pre-training JSON with mscoco/vg captions and vqa questions + ``labelf``),
+``vocab.txt`` (WordPiece; plurals are ``word ##s``), ``all_ans.json`` (answer table, authors'
+format), ``object_words.txt`` (the nouns, for the masked-object-word probe) and ``meta.json``
+(written last; it records the format version and the box count).
 
-Structure that only the image resolves: each image holds 2–4 "salient" objects (class +
-colour attribute, 1–2 instances each) and clutter boxes of other classes. An RoI feature is
-``class prototype + 0.7 * attribute prototype + 0.5 * noise``. Captions name salient objects
-with their colours ("a red dog and a blue car ."), questions ask for a colour, a count, a
-presence or a class ("what color is the dog ?" → red), so matching, masked object words,
-object/attribute prediction and QA all need the image.
+Structure that only the image resolves: each image shows one object class in one colour
+(1-3 instances) among background boxes ("wall", "sky", ... in "dark"/"bright"). An RoI feature
+is ``class prototype + 0.7 * attribute prototype + 0.5 * noise``. Captions name the object, its
+colour and count ("two red dogs ."); questions ask for the colour, the count, the presence of a
+class and the class of the coloured object. Masked object words, object/attribute prediction
+and QA therefore need the image, and a caption of another image is told apart only by comparing
+it with this one (matching).
+
+It is deliberately easier than real data: one object per image keeps the grounding first-order
+so that the small CPU model learns it within the default run (about 3 minutes); several objects
+per image (colour-to-object binding) took far longer than that in our runs.
 """
 
 from __future__ import annotations
@@ -23,43 +29,49 @@ import numpy as np
 
 from lxmert_fast.data.tsv import write_feature_tsv
 
-OBJECTS = ("dog", "cat", "car", "tree", "horse", "bus", "table", "chair", "bird", "boat", "cup", "kite")
-CLUTTER = ("wall", "sky", "floor", "window", "road", "grass")
-ATTRIBUTES = ("red", "blue", "green", "yellow", "white", "black", "brown", "orange")
+OBJECTS = ("dog", "car", "tree", "cup")
+BACKGROUND = ("wall", "sky", "floor", "grass")
+ATTRIBUTES = ("red", "blue", "green")
+BACKGROUND_ATTRIBUTES = ("dark", "bright")
 COUNT_WORDS = ("zero", "one", "two", "three")
 FUNCTION_WORDS = (
     "a", "an", "the", "and", "is", "are", "there", "what", "color", "how", "many", "object",
-    "with", "next", "to", "photo", "of", "yes", "no", "0", "1", "2", "3", "?", ".", ",",
+    "with", "next", "to", "photo", "of", "in", "yes", "no", "0", "1", "2", "3", "?", ".", ",",
 )  # fmt: skip
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-NUM_BOXES = 36
-FILES = ("train_obj36.tsv", "valid_obj36.tsv", "train.json", "valid.json", "vocab.txt", "all_ans.json")
+NUM_BOXES = 6
+# The longest sentence, "[CLS] a photo of three green tree ##s . [SEP]", has 10 pieces.
+MAX_SEQ_LEN = 12
+MAX_INSTANCES = 3
+FORMAT_VERSION = 2
+SPLITS = ("train", "valid")
+
+
+def feature_file(split: str) -> str:
+    """The feature TSV of ``split``, named like the authors' files (``*_obj36.tsv`` holds 36 boxes)."""
+    return f"{split}_obj{NUM_BOXES}.tsv"
 
 
 def _plural(word: str, n: int) -> str:
     return word if n == 1 else word + "s"
 
 
-def _image(rng: np.random.Generator, img_id: str, protos: dict, feat_dim: int) -> tuple[dict, dict]:
-    num_salient = int(rng.integers(2, 5))
-    classes = rng.choice(len(OBJECTS), num_salient, replace=False)
-    attrs = rng.choice(len(ATTRIBUTES), num_salient, replace=True)
-    counts = rng.integers(1, 3, num_salient)
-    obj_ids, attr_ids = [], []
-    for c, a, k in zip(classes, attrs, counts, strict=True):
-        obj_ids += [int(c)] * int(k)
-        attr_ids += [int(a)] * int(k)
-    num_salient_boxes = len(obj_ids)
-    while len(obj_ids) < NUM_BOXES:
-        obj_ids.append(len(OBJECTS) + int(rng.integers(len(CLUTTER))))
-        attr_ids.append(int(rng.integers(len(ATTRIBUTES))))
-    order = rng.permutation(NUM_BOXES)
-    obj = np.asarray(obj_ids, np.int64)[order]
-    attr = np.asarray(attr_ids, np.int64)[order]
-    conf_obj = np.where(
-        order < num_salient_boxes, rng.uniform(0.6, 1.0, NUM_BOXES), rng.uniform(0.3, 0.9, NUM_BOXES)
+def _image(
+    rng: np.random.Generator, img_id: str, protos: dict, feat_dim: int
+) -> tuple[dict, tuple[str, str, int]]:
+    cls = int(rng.integers(len(OBJECTS)))
+    attr = int(rng.integers(len(ATTRIBUTES)))
+    count = int(rng.integers(1, MAX_INSTANCES + 1))
+    background = NUM_BOXES - count
+    # Label ids: objects then background classes; colours then background attributes.
+    obj = np.array([cls] * count + list(len(OBJECTS) + rng.integers(len(BACKGROUND), size=background)))
+    attrs = np.array(
+        [attr] * count + list(len(ATTRIBUTES) + rng.integers(len(BACKGROUND_ATTRIBUTES), size=background))
     )
-    feats = protos["obj"][obj] + 0.7 * protos["attr"][attr] + 0.5 * rng.standard_normal((NUM_BOXES, feat_dim))
+    order = rng.permutation(NUM_BOXES)
+    obj, attrs, is_object = obj[order], attrs[order], order < count
+    noise = rng.standard_normal((NUM_BOXES, feat_dim))
+    feats = protos["obj"][obj] + 0.7 * protos["attr"][attrs] + 0.5 * noise
     h, w = int(rng.integers(300, 481)), int(rng.integers(400, 641))
     xy = rng.uniform(0, 0.7, (NUM_BOXES, 2)) * [w, h]
     wh = rng.uniform(0.1, 0.3, (NUM_BOXES, 2)) * [w, h]
@@ -68,50 +80,55 @@ def _image(rng: np.random.Generator, img_id: str, protos: dict, feat_dim: int) -
         "img_id": img_id,
         "img_h": h,
         "img_w": w,
-        "objects_id": obj,
-        "objects_conf": conf_obj.astype(np.float32),
-        "attrs_id": attr,
+        "objects_id": obj.astype(np.int64),
+        "objects_conf": np.where(
+            is_object, rng.uniform(0.6, 1.0, NUM_BOXES), rng.uniform(0.3, 0.9, NUM_BOXES)
+        ).astype(np.float32),
+        "attrs_id": attrs.astype(np.int64),
         "attrs_conf": rng.uniform(0.4, 1.0, NUM_BOXES).astype(np.float32),
         "num_boxes": NUM_BOXES,
         "boxes": boxes.astype(np.float32),
         "features": feats.astype(np.float32),
     }
-    present = {OBJECTS[c]: (ATTRIBUTES[a], int(k)) for c, a, k in zip(classes, attrs, counts, strict=True)}
-    return item, present
+    return item, (OBJECTS[cls], ATTRIBUTES[attr], count)
 
 
-def _sentences(rng: np.random.Generator, present: dict) -> tuple[list[str], list[str], list[str], list[dict]]:
-    names = list(present)
-    first, second = rng.choice(names, 2, replace=False)
-    captions = [
-        f"a {present[first][0]} {first} and a {present[second][0]} {second} .",
-        f"a photo of {present[first][1]} {present[first][0]} {_plural(first, present[first][1])} .",
-    ]
-    vg = [f"the {second} is {present[second][0]} ."]
-    absent = [o for o in OBJECTS if o not in present]
-    target = str(rng.choice(names))
-    other = str(rng.choice(absent))
-    color, count = present[target]
-    questions = [f"what color is the {target} ?", f"how many {target}s are there ?"]
+def _sentences(
+    rng: np.random.Generator, shown: tuple[str, str, int]
+) -> tuple[list[str], list[str], list[str], list[dict]]:
+    name, color, count = shown
+    plural = _plural(name, count)
+    captions = [f"a photo of {COUNT_WORDS[count]} {color} {plural} .", f"a {color} {name} ."]
+    vg = [f"the {name} is {color} ."]
+    questions = [f"what color is the {name} ?", f"how many {plural} are there ?"]
     # Raw answers as annotators write them; normalisation maps them onto the table.
     labels = [
         {color: 1.0} if rng.random() < 0.7 else {color.capitalize() + ".": 0.9, "the " + color: 0.3},
         {COUNT_WORDS[count]: 1.0} if rng.random() < 0.5 else {str(count): 1.0},
     ]
     if rng.random() < 0.5:
-        questions.append(f"is there a {target} ?")
+        questions.append(f"is there a {name} ?")
         labels.append({"yes": 1.0})
     else:
+        other = str(rng.choice([o for o in OBJECTS if o != name]))
         questions.append(f"is there a {other} ?")
         labels.append({"no": 1.0})
     questions.append(f"what is the {color} object ?")
-    holders = [n for n in names if present[n][0] == color]
-    labels.append({n: 1.0 / len(holders) for n in holders})
+    labels.append({name: 1.0})
     return captions, vg, questions, labels
 
 
 def write_vocab(path: str) -> list[str]:
-    words = [*SPECIAL, *FUNCTION_WORDS, *OBJECTS, *CLUTTER, *ATTRIBUTES, *COUNT_WORDS, "##s"]
+    words = [
+        *SPECIAL,
+        *FUNCTION_WORDS,
+        *OBJECTS,
+        *BACKGROUND,
+        *ATTRIBUTES,
+        *BACKGROUND_ATTRIBUTES,
+        *COUNT_WORDS,
+        "##s",
+    ]
     words = list(dict.fromkeys(words))
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(words) + "\n")
@@ -119,7 +136,7 @@ def write_vocab(path: str) -> list[str]:
 
 
 def write_answer_table(path: str) -> list[dict]:
-    entries = [{"ans": a, "dsets": ["vqa"]} for a in (*ATTRIBUTES, "0", "1", "2", "3", "yes", "no", *OBJECTS)]
+    entries = [{"ans": a, "dsets": ["vqa"]} for a in (*ATTRIBUTES, "1", "2", "3", "yes", "no", *OBJECTS)]
     # An answer of another dataset, so filtering the table by dataset is exercised.
     entries.append({"ans": "left", "dsets": ["gqa"]})
     with open(path, "w") as f:
@@ -127,22 +144,35 @@ def write_answer_table(path: str) -> list[dict]:
     return entries
 
 
+def is_current(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds a complete set written by this version of the generator."""
+    try:
+        with open(os.path.join(out_dir, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return meta.get("format_version") == FORMAT_VERSION
+
+
 def generate(
     out_dir: str, num_train: int = 1000, num_valid: int = 200, feat_dim: int = 256, seed: int = 0
 ) -> dict:
     """Write the synthetic set into ``out_dir``; returns ``meta.json``'s content."""
     os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # an interrupted rewrite must not pass for a complete set
     rng = np.random.default_rng(seed)
     protos = {
-        "obj": rng.standard_normal((len(OBJECTS) + len(CLUTTER), feat_dim)),
-        "attr": rng.standard_normal((len(ATTRIBUTES), feat_dim)),
+        "obj": rng.standard_normal((len(OBJECTS) + len(BACKGROUND), feat_dim)),
+        "attr": rng.standard_normal((len(ATTRIBUTES) + len(BACKGROUND_ATTRIBUTES), feat_dim)),
     }
-    for split, count in (("train", num_train), ("valid", num_valid)):
+    for split, count in zip(SPLITS, (num_train, num_valid), strict=True):
         items, data = [], []
         for i in range(count):
             img_id = f"syn_{split}_{i:06d}"
-            item, present = _image(rng, img_id, protos, feat_dim)
-            captions, vg, questions, labels = _sentences(rng, present)
+            item, shown = _image(rng, img_id, protos, feat_dim)
+            captions, vg, questions, labels = _sentences(rng, shown)
             items.append(item)
             data.append(
                 {
@@ -151,7 +181,7 @@ def generate(
                     "labelf": {"vqa": labels},
                 }
             )
-        write_feature_tsv(os.path.join(out_dir, f"{split}_obj36.tsv"), items)
+        write_feature_tsv(os.path.join(out_dir, feature_file(split)), items)
         with open(os.path.join(out_dir, f"{split}.json"), "w") as f:
             json.dump(data, f)
     write_vocab(os.path.join(out_dir, "vocab.txt"))
@@ -159,15 +189,18 @@ def generate(
     with open(os.path.join(out_dir, "object_words.txt"), "w") as f:
         f.write("\n".join(OBJECTS) + "\n")
     meta = {
+        "format_version": FORMAT_VERSION,
         "num_train": num_train,
         "num_valid": num_valid,
         "feat_dim": feat_dim,
+        "num_boxes": NUM_BOXES,
         "seed": seed,
-        "objects": list(OBJECTS) + list(CLUTTER),
-        "attributes": list(ATTRIBUTES),
+        "feature_files": {split: feature_file(split) for split in SPLITS},
+        "objects": list(OBJECTS) + list(BACKGROUND),
+        "attributes": list(ATTRIBUTES) + list(BACKGROUND_ATTRIBUTES),
     }
     # meta.json is written last: its presence marks a complete dataset.
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+    with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     return meta
 
@@ -177,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out_dir")
-    parser.add_argument("--num_train", type=int, default=1000, help="training images (5 sentences each)")
+    parser.add_argument("--num_train", type=int, default=1000, help="training images (7 sentences each)")
     parser.add_argument("--num_valid", type=int, default=200, help="held-out images")
     parser.add_argument("--feat_dim", type=int, default=256, help="RoI feature width (real data: 2048)")
     parser.add_argument("--seed", type=int, default=0)

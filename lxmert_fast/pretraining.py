@@ -21,12 +21,25 @@ from lxmert_fast.config import LxmertConfig
 
 Tensor = torch.Tensor
 
-PRESETS: dict[str, dict[str, int]] = {
+# ``small`` departs from BERT's init and dropout, measured on the synthetic default (held-out
+# matching after 1200 steps): with std 0.02 (tuned for width 768) the image-text interaction
+# matching needs is so weak at width 128 that matching sat at chance (0.50) for thousands of
+# steps; std 0.05, about the same fan-in-relative scale, reached 0.64 (0.1 slowed masked LM);
+# dropping dropout as well reached 0.71 already at step 600. The paper preset keeps BERT's values.
+PRESETS: dict[str, dict[str, float]] = {
     "paper": dict(
         hidden_size=768, num_attention_heads=12, intermediate_size=3072, l_layers=9, x_layers=5, r_layers=5
     ),
     "small": dict(
-        hidden_size=128, num_attention_heads=4, intermediate_size=256, l_layers=2, x_layers=2, r_layers=1
+        hidden_size=128,
+        num_attention_heads=4,
+        intermediate_size=256,
+        l_layers=2,
+        x_layers=2,
+        r_layers=1,
+        initializer_range=0.05,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     ),
     "tiny": dict(
         hidden_size=32, num_attention_heads=2, intermediate_size=64, l_layers=1, x_layers=1, r_layers=1

@@ -18,6 +18,7 @@ dropout, object masking) is a function of (seed, rank, micro-step), not of proce
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -229,22 +230,21 @@ def prepare_data(args: argparse.Namespace, rank: int):
     stores = [f for f in features if is_store(f)]
     store_dir = args.store_dir or os.path.join(data_dir, "feature_store")
     if rank == 0:
-        if use_synthetic and not os.path.isfile(os.path.join(data_dir, "meta.json")):
-            print(f"generating the synthetic dataset in {data_dir}", flush=True)
-            synthetic.generate(
-                data_dir, num_train=args.synthetic_images, num_valid=max(20, args.synthetic_images // 10)
-            )
-        elif use_synthetic and not synthetic.is_current(data_dir):
-            # A set from an older generator (other files, other box count): rewrite it and drop
-            # the store converted from it, or training would mix the two formats.
-            if is_store(store_dir):
+        if use_synthetic and not synthetic.is_current(data_dir):
+            older = os.path.isfile(os.path.join(data_dir, "meta.json"))
+            if older and is_store(store_dir):
+                # Converted from a set of an older generator (other files, other box count):
+                # it must be rebuilt, or training would mix the two formats.
                 if args.store_dir is not None:
                     raise SystemExit(
                         f"--store_dir {store_dir}: converted from an older synthetic set in {data_dir}; "
                         "remove it or name another directory, so it can be rebuilt from the new set"
                     )
                 shutil.rmtree(store_dir)
-            print(f"regenerating the synthetic dataset in {data_dir} (older format)", flush=True)
+            if older:
+                print(f"regenerating the synthetic dataset in {data_dir} (older format)", flush=True)
+            else:
+                print(f"generating the synthetic dataset in {data_dir}", flush=True)
             synthetic.generate(
                 data_dir, num_train=args.synthetic_images, num_valid=max(20, args.synthetic_images // 10)
             )
@@ -316,16 +316,22 @@ def main() -> None:
     if object_words:
         with open(object_words) as f:
             probe = {tokenizer.vocab[w] for w in (line.strip() for line in f) if w in tokenizer.vocab}
-    train_set = PretrainDataset(
-        train_ex,
-        store,
-        tokenizer,
-        args.max_seq_len,
-        args.num_boxes,
-        args.word_mask_rate,
-        args.mismatch_rate,
-        seed=args.seed,
+    dataset = functools.partial(
+        PretrainDataset,
+        store=store,
+        tokenizer=tokenizer,
+        max_seq_len=args.max_seq_len,
+        num_boxes=args.num_boxes,
     )
+    corruption = dict(word_mask_rate=args.word_mask_rate, mismatch_rate=args.mismatch_rate)
+    train_set = dataset(train_ex, seed=args.seed, **corruption)
+    # Held-out sets: the training corruption with its own seed, and the object-word probe.
+    eval_sets = []
+    if valid_ex:
+        eval_sets.append(("", dataset(valid_ex, seed=args.seed + 1, **corruption)))
+    if valid_ex and probe:
+        clean = dict(word_mask_rate=0.0, mismatch_rate=0.0, mask_object_words=probe)
+        eval_sets.append(("object_word_", dataset(valid_ex, seed=args.seed + 1, **clean)))
     sampler = EpochBatchSampler(len(train_set), micro, rank, world, seed=args.seed)
     per_epoch = len(sampler) // accum
     total_steps = args.max_steps or (
@@ -415,43 +421,15 @@ def main() -> None:
         return out, pt.accuracy_counts(out, batch, selected, visual_logits.pop())
 
     def evaluate() -> dict:
-        if not valid_ex:
+        if not eval_sets:
             return {}
         engine.eval()
-        data = PretrainDataset(
-            valid_ex,
-            store,
-            tokenizer,
-            args.max_seq_len,
-            args.num_boxes,
-            args.word_mask_rate,
-            args.mismatch_rate,
-            seed=args.seed + 1,
-        )
-        eval_sampler = EpochBatchSampler(len(data), micro, rank, world, shuffle=False)
-        probes = [("", data)]
-        if probe:
-            probes.append(
-                (
-                    "object_word_",
-                    PretrainDataset(
-                        valid_ex,
-                        store,
-                        tokenizer,
-                        args.max_seq_len,
-                        args.num_boxes,
-                        0.0,
-                        0.0,
-                        seed=args.seed + 1,
-                        mask_object_words=probe,
-                    ),
-                )
-            )
+        eval_sampler = EpochBatchSampler(len(valid_ex), micro, rank, world, shuffle=False)
         result = {}
         with torch.no_grad():
-            for prefix, dataset in probes:
+            for prefix, eval_set in eval_sets:
                 sums, losses, n = {}, {}, 0
-                loader = DataLoader(dataset, batch_sampler=eval_sampler, num_workers=workers)
+                loader = DataLoader(eval_set, batch_sampler=eval_sampler, num_workers=workers)
                 for i, batch in enumerate(loader):
                     if args.eval_batches is not None and i >= args.eval_batches:
                         break

@@ -24,8 +24,9 @@ Tensor = torch.Tensor
 # ``small`` departs from BERT's init and dropout, measured on the synthetic default (held-out
 # matching after 1200 steps): with std 0.02 (tuned for width 768) the image-text interaction
 # matching needs is so weak at width 128 that matching sat at chance (0.50) for thousands of
-# steps; std 0.05, about the same fan-in-relative scale, reached 0.64 (0.1 slowed masked LM);
-# dropping dropout as well reached 0.71 already at step 600. The paper preset keeps BERT's values.
+# steps; std 0.05, about the same fan-in-relative scale, reached 0.59-0.64 (0.1 slowed masked
+# LM); dropping dropout as well reached 0.71 already at step 600 and 0.80 at step 1200. The
+# paper preset keeps BERT's values.
 PRESETS: dict[str, dict[str, float]] = {
     "paper": dict(
         hidden_size=768, num_attention_heads=12, intermediate_size=3072, l_layers=9, x_layers=5, r_layers=5

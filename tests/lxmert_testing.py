@@ -121,3 +121,20 @@ def synthetic_corpus(path, num_train: int, num_valid: int, feat_dim: int, seed: 
         for split in splits
     }
     return store, tokenizer, table, examples
+
+
+def train_env() -> dict:
+    """Environment for a ``train.py`` subprocess on the CPU: DeepSpeed's CPU accelerator, no
+    distributed variables inherited from the caller (train.py then sets up one process itself)."""
+    import os
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def top_answer(table, label: dict[str, float]) -> int | None:
+    """The id of the highest-scoring answer of a raw ``{answer: score}`` label, None if none is in ``table``."""
+    scores = table.convert_label(label)
+    return max(scores.items(), key=lambda kv: kv[1])[0] if scores else None

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from lxmert_testing import top_answer, train_env
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("tokenizers")
@@ -41,9 +41,9 @@ def text_only_qa_rate(data_dir: Path) -> float:
     def pairs(split: str):
         for datum in json.loads((data_dir / f"{split}.json").read_text()):
             for question, label in zip(datum["sentf"]["vqa"], datum["labelf"]["vqa"], strict=True):
-                scores = table.convert_label(label)
-                if scores:
-                    yield question, max(scores.items(), key=lambda kv: kv[1])[0]
+                answer = top_answer(table, label)
+                if answer is not None:
+                    yield question, answer
 
     majority = collections.defaultdict(collections.Counter)
     for question, answer in pairs("train"):
@@ -56,14 +56,11 @@ def text_only_qa_rate(data_dir: Path) -> float:
 def test_default_cpu_run_learns_matching_qa_and_object_words(tmp_path):
     from lxmert_fast.data.synthetic import OBJECTS
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     data, out = tmp_path / "data", tmp_path / "out"
     cmd = [sys.executable, str(REPO / "train.py"), "--deepspeed_config", str(REPO / "ds.json"),
            "--data_dir", str(data), "--output_dir", str(out), "--no_progress", "--no_export",
            "--save_every", "100000"]  # fmt: skip
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    result = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=900, cwd=REPO)
     if result.returncode != 0:
         pytest.fail(f"train.py exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -7,12 +7,12 @@ most of it importing DeepSpeed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from lxmert_testing import train_env
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("tokenizers")
@@ -33,9 +33,7 @@ def data_dir(tmp_path_factory) -> Path:
 def run_train(
     data_dir: Path, out: Path, *extra: str, procs: int = 1, check: bool = True
 ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = dict(train_env(), OMP_NUM_THREADS="1")
     args = ["--deepspeed_config", str(REPO / "ds.json"), "--data_dir", str(data_dir), "--output_dir", str(out),
             "--preset", "tiny", "--micro_batch", "4", "--max_steps", "4", "--log_every", "1", "--eval_every", "4",
             "--eval_batches", "1", "--save_every", "2", "--cpu_threads", "1", "--no_progress", *extra]  # fmt: skip
@@ -134,7 +132,6 @@ def test_synthetic_set_of_an_older_format_is_regenerated(tmp_path):
     assert "regenerating the synthetic dataset" in result.stdout
     assert is_current(str(data)) and (data / feature_file("train")).is_file()
     store = FeatureStore(data / "feature_store")
-    image_ids = store.keys()
-    assert "old_0" not in image_ids and store["syn_train_000000"]["num_boxes"] == NUM_BOXES
+    assert "old_0" not in store and store["syn_train_000000"]["num_boxes"] == NUM_BOXES
     train, _ = read_log(tmp_path / "out")
     assert [r["step"] for r in train] == [1, 2, 3, 4]

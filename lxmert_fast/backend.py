@@ -51,6 +51,9 @@ _DEFAULT_BACKEND = _from_env()
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("lxmert_fast_backend", default=None)
 
 
+# torch.compile cannot trace a ContextVar read: it takes the backend as a constant of the graph
+# it traces (a later switch applies to graphs traced after it, e.g. after torch._dynamo.reset()).
+@torch.compiler.assume_constant_result
 def current_backend() -> str:
     """The backend in force for this thread/context: ``auto``, ``reference`` or ``triton``."""
     return _current.get() or _DEFAULT_BACKEND

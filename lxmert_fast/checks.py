@@ -69,3 +69,27 @@ def check_probability(name: str, p: float) -> float:
     if not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1], got {p}")
     return float(p)
+
+
+def check_values_in_range(
+    name: str, t: torch.Tensor, low: float, high: float, *, expected: str, high_inclusive: bool = True
+) -> None:
+    """Check that every value of ``t`` lies in ``[low, high]`` (``[low, high)`` if not
+    ``high_inclusive``); NaN is out of range.
+
+    A CPU tensor in eager mode is checked on the host with an error naming the values found.
+    A tensor on an accelerator, or any tensor while ``torch.compile`` traces, gets a device-side
+    assertion (``torch._assert_async``) with ``expected`` as its message: reading the values
+    back would stall the host on every forward and break CUDA-graph capture.
+    """
+    below_high = t <= high if high_inclusive else t < high
+    ok = (t >= low) & below_high
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), f"{name}: {expected}")
+        return
+    if t.numel() == 0 or bool(ok.all()):
+        return
+    found = f"values in [{t.min().item():.6g}, {t.max().item():.6g}]"
+    if t.is_floating_point() and bool(t.isnan().any()):
+        found = f"{int(t.isnan().sum())} NaN values"
+    raise ValueError(f"{name}: {expected}, got {found}")

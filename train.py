@@ -122,6 +122,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--warmup_ratio", type=float, default=0.05)
     o.add_argument("--weight_decay", type=float, default=0.01)
     o.add_argument("--adam_eps", type=float, default=1e-6)
+    o.add_argument(
+        "--fused_optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused/multi-tensor optimizer step (default: fused AdamW on CUDA, multi-tensor otherwise); "
+        "--no-fused_optimizer: the per-parameter loop",
+    )
     o.add_argument("--epochs", type=float, default=20)
     o.add_argument(
         "--max_steps",
@@ -354,10 +361,14 @@ def main() -> None:
     model.lxmert.check_inputs = False
     n_params = model.num_parameters()
     groups = pt.parameter_groups(model, args.weight_decay)
-    if args.optimizer == "bert_adam":
-        optimizer = pt.BertAdam(groups, lr=lr, eps=args.adam_eps)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, eps=args.adam_eps)
+    optimizer = pt.build_optimizer(
+        args.optimizer,
+        groups,
+        lr,
+        args.adam_eps,
+        torch.device("cuda" if cuda else "cpu"),
+        fused=args.fused_optimizer,
+    )
     warmup = max(1, int(args.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, pt.linear_warmup_decay(total_steps, warmup))
     zero3 = config.get("zero_optimization", {}).get("stage", 0) == 3

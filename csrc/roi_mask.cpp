@@ -25,8 +25,10 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -58,32 +60,65 @@ const char* row_ptr(const void* base, int64_t row, int64_t row_bytes) {
   return static_cast<const char*>(base) + row * row_bytes;
 }
 
+// Error messages are built here without std::ostream and reach TORCH_CHECK_* as one const char*
+// (`.c_str()` of a temporary that lives until the throw has copied it): that is the only argument
+// the macros pass through untouched, while any other, even one std::string (torch 2.13), goes
+// through c10::str's std::ostringstream. Streaming the sizes into the message segfaulted a GPU
+// build (torch 2.11 + cu130) on its first error, suspected to be its stream/locale symbols bound
+// to a second C++ runtime (issue #10).
+std::string shape_string(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  return s + "]";
+}
+
+// "%g" is the text std::ostream gives a double by default (0.1, 1.5, nan), as the messages had.
+std::string number_string(double x) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%g", x);
+  return text;
+}
+
 }  // namespace
 
 // Shared with cuda/roi_mask.cu: every argument error names the argument (ValueError/TypeError
 // in Python, like lxmert_fast.ops).
 RoiMaskParams check_roi_mask_args(const at::Tensor& features, int64_t seed, int64_t offset, double p_select,
                                   double p_zero, double p_replace) {
-  TORCH_CHECK_VALUE(features.dim() == 3, "features: expected a 3-D tensor [B, N, D], got shape ",
-                    features.sizes());
+  TORCH_CHECK_VALUE(
+      features.dim() == 3,
+      ("features: expected a 3-D tensor [B, N, D], got shape " + shape_string(features.sizes())).c_str());
   const auto dtype = features.scalar_type();
   TORCH_CHECK_TYPE(
       dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-      "features: expected dtype float32, float16, bfloat16 or float64, got ", dtype);
-  TORCH_CHECK_VALUE(features.is_contiguous(), "features: expected a contiguous tensor (call .contiguous()), ",
-                    "got shape ", features.sizes(), " with strides ", features.strides());
+      ("features: expected dtype float32, float16, bfloat16 or float64, got " +
+       std::string(c10::toString(dtype)))
+          .c_str());
+  TORCH_CHECK_VALUE(features.is_contiguous(),
+                    ("features: expected a contiguous tensor (call .contiguous()), got shape " +
+                     shape_string(features.sizes()) + " with strides " + shape_string(features.strides()))
+                        .c_str());
   const std::pair<const char*, double> probabilities[] = {
       {"p_select", p_select}, {"p_zero", p_zero}, {"p_replace", p_replace}};
   for (const auto& [name, p] : probabilities) {
-    TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, name, ": expected a probability in [0, 1], got ", p);
+    TORCH_CHECK_VALUE(
+        p >= 0.0 && p <= 1.0,
+        (std::string(name) + ": expected a probability in [0, 1], got " + number_string(p)).c_str());
   }
   // Same tolerance as lxmert_fast.ops: 0.8 + 0.2 may round above 1.
-  TORCH_CHECK_VALUE(p_zero + p_replace <= 1.0 + 1e-9, "p_zero + p_replace: expected at most 1, got ", p_zero,
-                    " + ", p_replace);
-  TORCH_CHECK_VALUE(offset >= 0, "offset: expected a non-negative Philox counter, got ", offset);
+  TORCH_CHECK_VALUE(p_zero + p_replace <= 1.0 + 1e-9,
+                    ("p_zero + p_replace: expected at most 1, got " + number_string(p_zero) + " + " +
+                     number_string(p_replace))
+                        .c_str());
+  TORCH_CHECK_VALUE(
+      offset >= 0, ("offset: expected a non-negative Philox counter, got " + std::to_string(offset)).c_str());
   const int64_t batch = features.size(0), objects = features.size(1);
-  TORCH_CHECK_VALUE(batch <= INT32_MAX && objects <= INT32_MAX && batch * objects <= INT32_MAX,
-                    "features: expected B * N < 2**31 objects, got shape ", features.sizes());
+  TORCH_CHECK_VALUE(
+      batch <= INT32_MAX && objects <= INT32_MAX && batch * objects <= INT32_MAX,
+      ("features: expected B * N < 2**31 objects, got shape " + shape_string(features.sizes())).c_str());
   return RoiMaskParams{static_cast<uint64_t>(seed),
                        static_cast<uint64_t>(offset),
                        roi_probability_threshold(p_select),

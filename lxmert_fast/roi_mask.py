@@ -130,23 +130,34 @@ def _op_registered() -> bool:
         return False
 
 
-def _check_fake_args(features: Tensor, p_select: float, p_zero: float, p_replace: float) -> None:
-    torch._check(
-        features.dim() == 3, lambda: f"features: expected a 3-D tensor [B, N, D], got {features.dim()}-D"
+def _check_fake_args(features: Tensor, offset: int, p_select: float, p_zero: float, p_replace: float) -> None:
+    """The checks of ``check_roi_mask_args`` (csrc/roi_mask.cpp) with its exception types, so that
+    FakeTensor, meta tensors and torch.compile raise the ValueError/TypeError eager raises
+    (``torch._check`` would raise RuntimeError)."""
+    torch._check_value(
+        features.dim() == 3,
+        lambda: f"features: expected a 3-D tensor [B, N, D], got shape {list(features.shape)}",
     )
-    torch._check(
+    torch._check_type(
         features.dtype in SUPPORTED_DTYPES,
         lambda: f"features: expected dtype float32, float16, bfloat16 or float64, got {features.dtype}",
     )
-    torch._check(features.is_contiguous(), lambda: "features: expected a contiguous tensor")
+    torch._check_value(
+        features.is_contiguous(),
+        lambda: (
+            "features: expected a contiguous tensor (call .contiguous()), "
+            f"got shape {list(features.shape)} with strides {list(features.stride())}"
+        ),
+    )
     for name, p in (("p_select", p_select), ("p_zero", p_zero), ("p_replace", p_replace)):
-        torch._check(
+        torch._check_value(
             0.0 <= p <= 1.0, lambda name=name, p=p: f"{name}: expected a probability in [0, 1], got {p}"
         )
-    torch._check(
+    torch._check_value(
         p_zero + p_replace <= 1.0 + 1e-9,
         lambda: f"p_zero + p_replace: expected at most 1, got {p_zero} + {p_replace}",
     )
+    torch._check_value(offset >= 0, lambda: f"offset: expected a non-negative Philox counter, got {offset}")
 
 
 # Defaults as in the schema: callers (and torch.compile's normalisation) omit trailing defaults.
@@ -158,7 +169,7 @@ def _roi_feature_mask_fake(
     p_zero: float = 0.8,
     p_replace: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    _check_fake_args(features, p_select, p_zero, p_replace)
+    _check_fake_args(features, offset, p_select, p_zero, p_replace)
     action = features.new_empty(features.shape[:2], dtype=torch.int8)
     return torch.empty_like(features, memory_format=torch.contiguous_format), action
 
@@ -171,7 +182,7 @@ def _roi_feature_mask_inplace_fake(
     p_zero: float = 0.8,
     p_replace: float = 0.1,
 ) -> Tensor:
-    _check_fake_args(features, p_select, p_zero, p_replace)
+    _check_fake_args(features, offset, p_select, p_zero, p_replace)
     return features.new_empty(features.shape[:2], dtype=torch.int8)
 
 

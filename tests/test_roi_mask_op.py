@@ -9,6 +9,7 @@ the op only zeroes or copies rows. The first test to run loads the extension, JI
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import warnings
@@ -195,6 +196,40 @@ def test_bad_input_names_the_argument(case, op) -> None:
     kwargs = {"offset": 0, "p_select": 0.15, "p_zero": 0.8, "p_replace": 0.1, **overrides}
     with pytest.raises(error, match=message):
         getattr(OP, op)(make(), 1, **kwargs)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=str)
+@pytest.mark.parametrize("op", ["roi_feature_mask", "roi_feature_mask_"])
+def test_fake_kernels_raise_what_eager_raises(case, op) -> None:
+    """Meta tensors and FakeTensorMode run the fake kernel: same exception type as the C++ kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    make, overrides, error, message = BAD_INPUTS[case]
+    kwargs = {"offset": 0, "p_select": 0.15, "p_zero": 0.8, "p_replace": 0.1, **overrides}
+    with pytest.raises(error, match=message):
+        getattr(OP, op)(make().to("meta"), 1, **kwargs)
+    with FakeTensorMode() as mode, pytest.raises(error, match=message):
+        getattr(OP, op)(mode.from_tensor(make()), 1, **kwargs)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    return exc
+
+
+@pytest.mark.parametrize("case", ["rank", "dtype"])
+@pytest.mark.parametrize("op", ["roi_feature_mask", "roi_feature_mask_"])
+def test_compiled_bad_input_raises_what_eager_raises(case, op) -> None:
+    make, _, error, message = BAD_INPUTS[case]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: getattr(OP, op)(t, 1), backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception) as caught:
+        compiled(make())
+    # Dynamo reports any exception of a fake kernel as its own TorchRuntimeError (a RuntimeError),
+    # chained through Unsupported to what the fake kernel raised: that root is what must match eager.
+    root = _root_cause(caught.value)
+    assert type(root) is error and re.match(message, str(root)), repr(root)
 
 
 def test_seed_out_of_range_names_the_argument() -> None:

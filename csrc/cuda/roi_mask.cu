@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 #include "roi_mask_kernel.h"
@@ -24,8 +25,10 @@ int64_t count_rows_reading_other_rows(const RoiMaskParams& p);
 
 namespace {
 
+// One const char* message, no std::ostream: see shape_string in ../roi_mask.cpp (issue #10).
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              (std::string(op) + ": CUDA kernel launch failed: " + cudaGetErrorString(err)).c_str());
 }
 
 std::tuple<at::Tensor, at::Tensor> roi_feature_mask_cuda(const at::Tensor& features, int64_t seed,

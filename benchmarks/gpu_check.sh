@@ -9,15 +9,23 @@
 #   env        versions, nvidia-smi, commit                    -> $RESULTS_DIR/env.log
 #   build      pip install --no-build-isolation --no-deps -e .  -> build.log (builds lxmert_fast._C with CUDA)
 #   extension  the CUDA RoI op is registered                    -> extension.log
-#   tests      pytest tests/ -x -q on CUDA, TRITON_INTERPRET unset -> tests.log, tests.xml
+#   tests      the tests marked `cuda` (pytest -m cuda: every test that touches CUDA when it is
+#              there), in parallel processes (pytest-xdist, -n GPU_CHECK_TEST_WORKERS), on CUDA with
+#              TRITON_INTERPRET unset -> tests.log, tests.xml. The CPU-only tests are CI's. Its
+#              time limit leaves GPU_CHECK_BENCH_RESERVE_S of the budget to the benchmarks.
 #   bench_*    one pytest --benchmark-only run per benchmarks/bench_*.py -> bench_*.log, bench_*.json
 #   summary    merged JSON ($RESULTS_DIR/bench.json) and the table, printed last
-# Dry mode skips build (it would rebuild the shared install), extension and the CUDA test run
-# (the test suite is only collected), and runs the benchmarks, whose CUDA cases skip: the CPU
-# cases still produce JSON for the table.
+# Every stage prints its time when it ends, and the summary lists them all.
+# Dry mode (DRY_RUN=1, or automatic without CUDA) rehearses on the CPU what it can: build
+# compiles the extension into a wheel in a scratch directory (the shared install is left as
+# it is), extension checks the CPU op, tests selects and collects the `cuda` tests (they
+# would run the interpreter for minutes), and the benchmarks run, their CUDA cases skipping:
+# the CPU cases still produce JSON for the table.
 #
 # Environment: LXMERT_RESULTS_DIR (default ./gpu_results), PYTHON (default python3, else
 # python), DRY_RUN=1, GPU_CHECK_BUDGET_S (default 530: under 9 minutes in all),
+# GPU_CHECK_TEST_WORKERS (default: half the cores, at most 8), GPU_CHECK_BENCH_RESERVE_S
+# (default 240: the benchmark files took 230 s on an H200 at be8a23f),
 # GPU_CHECK_SKIP="tests bench_roi_mask ..." (stage names to skip, e.g. on a rerun),
 # LXMERT_COMMIT (recorded when the tree has no .git, as on the GPU machine's copy).
 # Tests needing deepspeed are skipped when it is not importable (files or tests whose name
@@ -33,6 +41,9 @@ RESULTS_DIR="$(cd "$RESULTS_DIR" && pwd)"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 BUDGET="${GPU_CHECK_BUDGET_S:-530}"
 SUMMARY_RESERVE=20
+BENCH_RESERVE="${GPU_CHECK_BENCH_RESERVE_S:-240}"
+CORES="$(nproc)"
+TEST_WORKERS="${GPU_CHECK_TEST_WORKERS:-$((CORES / 2 < 8 ? (CORES / 2 > 1 ? CORES / 2 : 1) : 8))}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"  # H100/H200: build sm_90 only, much faster
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1
@@ -44,11 +55,12 @@ FAILED=()
 note() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
 
 # run_stage NAME CAP_SECONDS COMMAND...: run with a timeout of min(CAP, budget left), log to
-# $RESULTS_DIR/NAME.log, record the outcome, print the log's tail on failure.
+# $RESULTS_DIR/NAME.log, record the outcome and time, print the log's tail on failure.
+# RESERVE_S (environment, default 0): seconds of the budget this stage must leave to later ones.
 run_stage() {
     local name="$1" cap="$2"
     shift 2
-    local left=$((BUDGET - SECONDS - SUMMARY_RESERVE))
+    local left=$((BUDGET - SECONDS - SUMMARY_RESERVE - ${RESERVE_S:-0}))
     local limit=$((cap < left ? cap : left))
     if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
         skip_stage "$name" "listed in GPU_CHECK_SKIP"
@@ -67,6 +79,7 @@ run_stage() {
     local took=$((SECONDS - start))
     if ((rc == 0)); then
         STATUS+=("$name: ok (${took}s)")
+        note "$name: ok in ${took}s"
     else
         local why="rc=$rc"
         ((rc == 124 || rc == 137)) && why="timed out after ${limit}s"
@@ -128,8 +141,18 @@ run_stage env 30 bash -c env_report
 cat "$RESULTS_DIR/env.log"
 
 if [[ "$DRY" == 1 ]]; then
-    skip_stage build "$DRY_WHY: pip install -e . would rebuild the shared install without CUDA"
-    skip_stage extension "$DRY_WHY: no CUDA kernel to check"
+    # A wheel in a scratch directory: the same compile as the real build, the install untouched.
+    SCRATCH="$(mktemp -d)"
+    run_stage build 300 "$PY" -m pip wheel --no-build-isolation --no-deps --no-index -w "$SCRATCH" .
+    rm -rf "$SCRATCH"
+    run_stage extension 60 "$PY" -c "
+import torch
+from lxmert_fast import roi_mask
+roi_mask.load_extension()
+x = torch.empty(1, 1, 8)
+reason = roi_mask.supports(x, 0, 0, 0.15, 0.8, 0.1)
+print('CPU RoI op:', reason or 'available')
+raise SystemExit(1 if reason else 0)"
 else
     run_stage build 200 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
     run_stage extension 60 "$PY" -c "
@@ -142,18 +165,24 @@ print('CUDA RoI op:', reason or 'available')
 raise SystemExit(1 if reason else 0)"
 fi
 
-TEST_ARGS=(tests/ -x -q -p no:cacheprovider)
+TEST_ARGS=(tests/ -m cuda -q -p no:cacheprovider)
 if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
     TEST_ARGS+=(--ignore-glob="tests/*deepspeed*" -k "not deepspeed")
     note "deepspeed not importable: deselecting tests named *deepspeed*"
 fi
-if [[ "$DRY" == 1 ]]; then
-    skip_stage tests "$DRY_WHY: the CUDA test run needs a GPU; only collecting the suite"
-    run_stage tests_collect 120 "$PY" -m pytest "${TEST_ARGS[@]}" --collect-only
+if "$PY" -c "import xdist" >/dev/null 2>&1; then
+    # One file per worker at a time: a file's module-level set-up (models, compiled kernels) is paid once.
+    TEST_ARGS+=(-n "$TEST_WORKERS" --dist loadfile)
 else
-    run_stage tests 180 "$PY" -m pytest "${TEST_ARGS[@]}" --junitxml="$RESULTS_DIR/tests.xml"
-    tail -n 3 "$RESULTS_DIR/tests.log" | sed 's/^/    /'
+    note "pytest-xdist not importable: the cuda tests run in one process"
 fi
+if [[ "$DRY" == 1 ]]; then
+    run_stage tests 120 "$PY" -m pytest "${TEST_ARGS[@]}" --collect-only
+else
+    RESERVE_S=$BENCH_RESERVE run_stage tests 300 "$PY" -m pytest "${TEST_ARGS[@]}" \
+        --junitxml="$RESULTS_DIR/tests.xml"
+fi
+tail -n 3 "$RESULTS_DIR/tests.log" 2>/dev/null | sed 's/^/    /'
 
 # One pytest process per file: a crash or timeout loses that file's numbers only.
 rm -f "$RESULTS_DIR"/bench_*.json "$RESULTS_DIR/bench.json"

@@ -30,6 +30,10 @@ from typing import Any
 
 import pytest
 
+# The package mode initialises CUDA and uses CUDA tensors where present:
+# benchmarks/gpu_check.sh runs this file on the card.
+pytestmark = pytest.mark.cuda
+
 LOAD_LIBRARY, PACKAGE, PROBE = "load_library", "package", "probe"
 VARIANTS = ("roi_feature_mask", "roi_feature_mask_")
 CHILD_TIMEOUT_S = 300

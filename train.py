@@ -415,7 +415,12 @@ def main() -> None:
 
     def run_batch(batch: dict, obj_seed: int, obj_offset: int):
         use_vmask = not bool((batch["visual_mask"] > 0).all())
-        batch = to_device(batch)
+        # Sparse heads: the rows to decode come from the CPU batch, so the step on the device has
+        # fixed shapes and no value-dependent control flow.
+        positions = pt.head_positions(
+            batch, model_config, args.word_mask_rate, obj_seed, obj_offset, args.obj_mask_rate
+        )
+        batch = to_device({**batch, **positions})
         feats, obj_labels, selected = batch["visual_feats"], None, None
         if model_config.task_obj_predict:
             feats, obj_labels, selected = pt.mask_objects(

@@ -116,8 +116,22 @@ class PredictionHeadTransform(nn.Module):
         return self.LayerNorm(F.gelu(self.dense(hidden_states)))
 
 
+def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
+    """Rows ``positions`` of ``x`` [B, T, ...] flattened over (B, T): [K, ...].
+
+    ``positions`` int64 [K] holds flat indices ``b * T + t``; a padding entry (-1) reads row 0,
+    so the caller must give it no weight (label -1, weight 0). The shape depends only on K,
+    never on the values: no host sync, nothing data-dependent for a compiled graph.
+    """
+    return x.reshape(-1, *x.shape[2:]).index_select(0, positions.clamp(min=0))
+
+
 class LMPredictionHead(nn.Module):
-    """Masked-LM head: transform, decoder tied to the word embeddings, separate bias."""
+    """Masked-LM head: transform, decoder tied to the word embeddings, separate bias.
+
+    With ``positions`` (flat indices, see :func:`gather_positions`) only those rows of
+    ``hidden_states`` [B, T, H] are decoded: [K, vocab] instead of [B, T, vocab].
+    """
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
@@ -125,7 +139,9 @@ class LMPredictionHead(nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
+    def forward(self, hidden_states: Tensor, positions: Tensor | None = None) -> Tensor:
+        if positions is not None:
+            hidden_states = gather_positions(hidden_states, positions)
         return self.decoder(self.transform(hidden_states)) + self.bias
 
 
@@ -149,7 +165,12 @@ def visual_loss_specs(config: LxmertConfig) -> dict[str, int]:
 
 
 class VisualObjHead(nn.Module):
-    """Object, attribute and feature predictions on every vision token (shared transform)."""
+    """Object, attribute and feature predictions on every vision token (shared transform).
+
+    With ``feat_positions`` (flat indices into B*N, see :func:`gather_positions`) the feature
+    decoder runs on those rows only: ``"feat"`` is [K, feat_dim]; object and attribute logits
+    stay [B, N, width] (their loss may cover every object).
+    """
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
@@ -158,9 +179,13 @@ class VisualObjHead(nn.Module):
             {key: nn.Linear(config.hidden_size, width) for key, width in visual_loss_specs(config).items()}
         )
 
-    def forward(self, hidden_states: Tensor) -> dict[str, Tensor]:
+    def forward(self, hidden_states: Tensor, feat_positions: Tensor | None = None) -> dict[str, Tensor]:
         hidden_states = self.transform(hidden_states)
-        return {key: decoder(hidden_states) for key, decoder in self.decoder_dict.items()}
+        out = {}
+        for key, decoder in self.decoder_dict.items():
+            sparse = key == "feat" and feat_positions is not None
+            out[key] = decoder(gather_positions(hidden_states, feat_positions) if sparse else hidden_states)
+        return out
 
 
 class GeLU(nn.Module):
@@ -423,6 +448,15 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
 
     The authors scale visual losses by exactly 1/0.15; transformers' default
     ``visual_loss_normalizer`` is 6.67. Set it to ``1 / 0.15`` for the authors' numbers.
+
+    Sparse heads: ``mlm_positions`` / ``feat_positions`` (int64 [K], flat indices ``b * T + t``
+    into the B*T words / ``b * N + n`` into the B*N objects, -1 = padding; see
+    :func:`lxmert_fast.pretraining.flat_positions`) make the MLM head (transform and tied decoder)
+    and the feature decoder run on those K rows only, with the same losses as the dense heads
+    (up to fp32 summation order), provided the positions list every word with ``labels >= 0`` and
+    every object with a non-zero ``obj_labels["feat"][1]`` exactly once. With ``check_inputs`` on
+    that is checked (on the host for CPU tensors, as device assertions otherwise). The shapes
+    depend only on K, so a fixed K keeps a compiled / CUDA-graph step static.
     """
 
     def __init__(self, config: LxmertConfig | Any) -> None:
@@ -456,7 +490,17 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        *,
+        mlm_positions: Tensor | None = None,
+        feat_positions: Tensor | None = None,
     ) -> LxmertForPreTrainingOutput | tuple:
+        """transformers' arguments and outputs, plus the sparse-head positions (class docstring).
+
+        ``prediction_logits`` is [B, T, vocab] without ``mlm_positions`` and [K, vocab] with
+        them: row k holds the logits of word ``mlm_positions[k]`` (padding rows hold those of
+        word 0 and mean nothing). Likewise the visual head's ``"feat"`` prediction is [K, feat_dim]
+        with ``feat_positions``. ``feat_positions`` is unused without ``obj_labels``.
+        """
         cfg = self.config
         return_dict = cfg.return_dict if return_dict is None else return_dict
         base = self.lxmert(
@@ -471,7 +515,14 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             output_hidden_states,
             return_dict=True,
         )
-        lang_scores = self.cls.predictions(base.language_output)
+        if mlm_positions is not None:
+            words, labelled = tuple(base.language_output.shape[:2]), None
+            if labels is not None:
+                labelled = check_shape("labels", labels, words) >= 0
+            self._check_positions("mlm_positions", mlm_positions, words, labelled)
+            if labels is not None:
+                labels = gather_positions(labels, mlm_positions).masked_fill(mlm_positions < 0, -1)
+        lang_scores = self.cls.predictions(base.language_output, mlm_positions)
         match_scores = self.cls.seq_relationship(base.pooled_output)
         # transformers returns this placeholder when the QA head is disabled; kept for identical tuples.
         answer_scores = self.answer_head(base.pooled_output) if cfg.task_qa else base.pooled_output[0][0]
@@ -482,7 +533,9 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         if matched_label is not None and cfg.task_matched:
             losses["matched"] = masked_cross_entropy(match_scores, matched_label)
         if obj_labels is not None and cfg.task_obj_predict:
-            losses.update(self.visual_losses(self.obj_predict_head(base.vision_output), obj_labels))
+            predictions = self.obj_predict_head(base.vision_output, feat_positions)
+            grid = tuple(base.vision_output.shape[:2])
+            losses.update(self.visual_losses(predictions, obj_labels, feat_positions, grid))
         if ans is not None and cfg.task_qa:
             losses["qa"] = masked_cross_entropy(answer_scores, ans)
         any_labels = any(x is not None for x in (labels, obj_labels, matched_label, ans))
@@ -506,9 +559,41 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         )
         return out if return_dict else out.to_tuple()
 
+    def _check_positions(
+        self, name: str, positions: Tensor, grid: tuple[int, int], needed: Tensor | None
+    ) -> None:
+        """``positions``: 1-D integer; with ``check_inputs`` also every value in [-1, B*T) and
+        every ``needed`` [B, T] row listed exactly once (else the sparse loss is not the dense one)."""
+        check_tensor(name, positions, ndim=1, integer=True)
+        if not self.lxmert.check_inputs:
+            return
+        rows = grid[0] * grid[1]
+        check_values_in_range(
+            name, positions, -1, rows - 1, expected=f"expected flat indices in [0, {rows}) or -1 (padding)"
+        )
+        if needed is None:
+            return
+        valid = positions >= 0
+        hits = torch.zeros(rows, dtype=torch.int32, device=positions.device)
+        hits.index_add_(0, positions.clamp(min=0), valid.to(torch.int32))
+        covered = ~needed.reshape(-1) | (hits == 1)
+        expected = "expected every labelled / weighted row listed exactly once"
+        if positions.device.type != "cpu" or torch.compiler.is_compiling():
+            torch._assert_async(covered.all(), f"{name}: {expected}")
+        elif not bool(covered.all()):
+            raise ValueError(
+                f"{name}: {expected}, but {int((~covered).sum())} of {int(needed.sum())} are not"
+            )
+
     def visual_losses(
-        self, predictions: dict[str, Tensor], obj_labels: dict[str, tuple[Tensor, Tensor]]
+        self,
+        predictions: dict[str, Tensor],
+        obj_labels: dict[str, tuple[Tensor, Tensor]],
+        feat_positions: Tensor | None = None,
+        grid: tuple[int, int] | None = None,
     ) -> dict[str, Tensor]:
+        """The obj/attr/feat losses; with ``feat_positions``, ``predictions["feat"]`` holds the
+        gathered rows [K, width] and ``grid`` is (B, N) of the vision tokens."""
         weight = self.config.visual_loss_normalizer
         losses = {}
         for key, width in visual_loss_specs(self.config).items():
@@ -518,6 +603,16 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                 )
             label, mask_conf = obj_labels[key]
             scores = predictions[key].reshape(-1, width)
+            if key == "feat" and feat_positions is not None:
+                check_shape("obj_labels['feat'][0]", label, (*grid, width))
+                check_shape("obj_labels['feat'][1]", mask_conf, grid)
+                self._check_positions("feat_positions", feat_positions, grid, mask_conf != 0)
+                target = gather_positions(label, feat_positions).to(scores.dtype)
+                per_object = F.smooth_l1_loss(scores, target, reduction="none").mean(1)
+                conf = gather_positions(mask_conf, feat_positions).masked_fill(feat_positions < 0, 0)
+                # The dense loss is a mean over all B*N objects, unlisted ones contributing 0.
+                losses[key] = (per_object * conf.to(per_object.dtype)).sum() / (grid[0] * grid[1]) * weight
+                continue
             if key == "feat":
                 check_shape("obj_labels['feat'][0]", label, (*predictions[key].shape[:2], width))
                 per_object = F.smooth_l1_loss(

@@ -4,6 +4,8 @@
 * :func:`build_config` — a :class:`~lxmert_fast.LxmertConfig` for the data and the task switches;
 * :func:`mask_objects` — masked-object corruption on the device (``ops.roi_feature_mask``) and the
   visual targets;
+* :func:`head_positions` — the rows the sparse MLM and feature heads decode, computed on the host
+  (:func:`selected_objects`, :func:`flat_positions`, :func:`position_budget`);
 * :func:`pretraining_step_inputs` / :func:`weighted_loss` / :func:`accuracy_counts`;
 * :class:`BertAdam` — the authors' Adam without bias correction; :func:`build_optimizer` (fused on
   CUDA); :func:`linear_warmup_decay`.
@@ -17,8 +19,11 @@ from typing import Any
 
 import torch
 
-from lxmert_fast import ops
+from lxmert_fast import ops, reference
+from lxmert_fast.checks import describe
 from lxmert_fast.config import LxmertConfig
+from lxmert_fast.modeling import gather_positions
+from lxmert_fast.philox import philox_bits
 
 Tensor = torch.Tensor
 
@@ -97,7 +102,8 @@ def mask_objects(
     Returns (corrupted features, ``obj_labels`` for the model, selected-object mask [B, N]).
     Feature regression always counts only selected objects; ``obj_loss_on="all"`` weights the
     object/attribute cross-entropy by the detector confidence on every object (the authors'
-    code), ``"masked"`` only on selected objects.
+    code), ``"masked"`` only on selected objects. The selection is a function of
+    (seed, offset, B, N, rate) alone: :func:`head_positions` computes it on the host beforehand.
     """
     if obj_loss_on not in ("all", "masked"):
         raise ValueError(f"obj_loss_on: expected 'all' or 'masked', got {obj_loss_on!r}")
@@ -114,9 +120,79 @@ def mask_objects(
     return corrupted, obj_labels, selected
 
 
+# Sparse heads: the MLM head and the feature decoder run on a fixed number K of gathered rows
+# instead of every word / object (about 15 % of them carry a loss).
+POSITION_MULTIPLE = 8
+POSITION_SIGMAS = 6.0
+
+
+def position_budget(candidates: int, rate: float) -> int:
+    """The row budget of a sparse head for ``candidates`` rows each chosen with probability
+    ``rate``: the mean of that binomial count plus 6 standard deviations, rounded up to a
+    multiple of 8 (at most ``candidates`` rounded up). A batch exceeds it with probability
+    about 1e-9 (normal tail at 6 sigma); :func:`flat_positions` then grows K for that batch
+    rather than drop a row. Depends only on the batch shape and the rate: one K for a run."""
+    mean = candidates * rate
+    sigma = math.sqrt(candidates * rate * (1.0 - rate))
+    budget = min(math.ceil(mean + POSITION_SIGMAS * sigma), candidates)
+    return -(-budget // POSITION_MULTIPLE) * POSITION_MULTIPLE
+
+
+def flat_positions(mask: Tensor, budget: int) -> Tensor:
+    """Flat indices ``b * T + t`` of the True entries of a CPU bool ``mask`` [B, T], in order,
+    padded with -1 to K = max(budget, count rounded up to a multiple of 8): int64 [K].
+
+    Computed on the host before the batch goes to the device, so the model sees a shape fixed
+    by ``budget``; a count above it grows K (a new shape in that rare batch), never drops a row,
+    so the sparse losses stay the dense ones."""
+    if mask.device.type != "cpu" or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask: expected a CPU bool tensor (positions are made on the host), got {describe(mask)}"
+        )
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    count = index.numel()
+    positions = torch.full((max(budget, -(-count // POSITION_MULTIPLE) * POSITION_MULTIPLE),), -1)
+    positions[:count] = index
+    return positions
+
+
+def selected_objects(seed: int, offset: int, batch: int, num_boxes: int, rate: float) -> Tensor:
+    """The objects ``ops.roi_feature_mask(features [batch, num_boxes, D], seed, offset, p_select=rate)``
+    selects (its ``action > 0``), computed on the host: bool [batch, num_boxes]. The op decides
+    from its Philox words at (seed, offset) alone, never from the features, so this is the
+    reference rule (:func:`lxmert_fast.reference.roi_feature_actions`) over the same words."""
+    bits = philox_bits(seed, offset, batch * num_boxes).view(batch, num_boxes, 4)
+    return reference.roi_feature_actions(bits, p_select=rate) > 0
+
+
+def head_positions(
+    batch: dict[str, Tensor],
+    config: LxmertConfig,
+    word_rate: float,
+    obj_seed: int,
+    obj_offset: int,
+    obj_rate: float,
+) -> dict[str, Tensor]:
+    """The sparse heads' positions for a CPU ``batch``, before it goes to the device.
+
+    ``mlm_positions``: the words with ``mlm_labels >= 0``; ``feat_positions`` (only when the
+    model regresses features): the real objects :func:`mask_objects` will select with
+    (``obj_seed``, ``obj_offset``, ``obj_rate``). Budgets: :func:`position_budget` of B*T at
+    ``word_rate`` and of B*N at ``obj_rate``. :func:`model_inputs` passes them to the model."""
+    labels = batch["mlm_labels"]
+    out = {"mlm_positions": flat_positions(labels >= 0, position_budget(labels.numel(), word_rate))}
+    if config.task_obj_predict and config.visual_feat_loss:
+        real = batch["visual_mask"] > 0
+        selected = selected_objects(obj_seed, obj_offset, *real.shape, obj_rate) & real
+        out["feat_positions"] = flat_positions(selected, position_budget(real.numel(), obj_rate))
+    return out
+
+
 def model_inputs(
     batch: dict[str, Tensor], visual_feats: Tensor, obj_labels: dict | None, use_visual_mask: bool
 ) -> dict[str, Any]:
+    """The model's keyword arguments; the sparse heads' positions when ``batch`` carries them
+    (:func:`head_positions`), else dense heads."""
     return {
         "input_ids": batch["input_ids"],
         "visual_feats": visual_feats,
@@ -128,6 +204,8 @@ def model_inputs(
         "obj_labels": obj_labels,
         "matched_label": batch["matched_label"],
         "ans": batch["qa_label"],
+        "mlm_positions": batch.get("mlm_positions"),
+        "feat_positions": batch.get("feat_positions"),
     }
 
 
@@ -146,15 +224,18 @@ def accuracy_counts(
 ) -> dict[str, Tensor]:
     """(correct, total) per task as float tensors [2], summable across steps and ranks.
 
-    mlm over labelled tokens; matched over all pairs; obj/attr over selected (masked) objects
-    (``visual``: the visual head's logits, see :class:`VisualLogits`); qa over pairs with an
-    answer label."""
+    mlm over labelled tokens (the gathered rows when ``batch`` has ``mlm_positions``: then
+    ``out.prediction_logits`` is [K, vocab]); matched over all pairs; obj/attr over selected
+    (masked) objects (``visual``: the visual head's logits, see :class:`VisualLogits`); qa over
+    pairs with an answer label."""
     counts = {}
 
     def add(name: str, pred: Tensor, target: Tensor, valid: Tensor) -> None:
         counts[name] = torch.stack([((pred == target) & valid).sum(), valid.sum()]).float()
 
-    labels = batch["mlm_labels"]
+    labels, positions = batch["mlm_labels"], batch.get("mlm_positions")
+    if positions is not None:
+        labels = gather_positions(labels, positions).masked_fill(positions < 0, -1)
     if out.prediction_logits is not None:
         add("mlm", out.prediction_logits.argmax(-1), labels, labels >= 0)
     add(

@@ -165,6 +165,23 @@ def probability_threshold(p: float) -> int:
     return math.floor(p * _U24)
 
 
+def roi_feature_actions(
+    random_bits: Tensor, p_select: float = 0.15, p_zero: float = 0.8, p_replace: float = 0.1
+) -> Tensor:
+    """The per-object decisions of :func:`roi_feature_mask`: action int8 [B, N] from
+    ``random_bits`` int64 [B, N, >=2] alone (no features), so the host can compute the
+    selection of a device call (``action > 0``) from the same Philox words."""
+    u0, u1 = random_bits[..., 0] >> 8, random_bits[..., 1] >> 8
+    selected = u0 < probability_threshold(p_select)
+    zero = selected & (u1 < probability_threshold(p_zero))
+    replace = selected & ~zero & (u1 < probability_threshold(p_zero + p_replace))
+    action = torch.full(u0.shape, ROI_UNSELECTED, dtype=torch.int8, device=random_bits.device)
+    action[selected] = ROI_KEPT
+    action[replace] = ROI_REPLACED
+    action[zero] = ROI_ZEROED
+    return action
+
+
 def roi_feature_mask(
     features: Tensor,
     random_bits: Tensor,
@@ -185,20 +202,16 @@ def roi_feature_mask(
       there is no other image: replaced objects are left unchanged (action still REPLACED).
 
     Returns (corrupted features, same dtype; action int8 [B, N] with codes
-    ``ROI_UNSELECTED/ROI_ZEROED/ROI_REPLACED/ROI_KEPT``). Selection mask = ``action > 0``.
+    ``ROI_UNSELECTED/ROI_ZEROED/ROI_REPLACED/ROI_KEPT``). Selection mask = ``action > 0``;
+    the actions alone are :func:`roi_feature_actions`.
     """
     b, n, _ = features.shape
-    u0, u1, r2 = random_bits[..., 0] >> 8, random_bits[..., 1] >> 8, random_bits[..., 2]
-    selected = u0 < probability_threshold(p_select)
-    zero = selected & (u1 < probability_threshold(p_zero))
-    replace = selected & ~zero & (u1 < probability_threshold(p_zero + p_replace))
-    action = torch.full((b, n), ROI_UNSELECTED, dtype=torch.int8, device=features.device)
-    action[selected] = ROI_KEPT
-    action[replace] = ROI_REPLACED
-    action[zero] = ROI_ZEROED
+    action = roi_feature_actions(random_bits, p_select, p_zero, p_replace)
+    zero, replace = action == ROI_ZEROED, action == ROI_REPLACED
 
     out = features.masked_fill(zero[..., None], 0)
     if b > 1:
+        r2 = random_bits[..., 2]
         k = (r2 * ((b - 1) * n)) >> 32
         src_img = k // n
         own = torch.arange(b, device=features.device)[:, None]

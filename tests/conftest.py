@@ -22,6 +22,30 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def pick_kernel_device(cuda_available: bool, interpreted: bool) -> torch.device:
+    """The device the Triton kernel tests run on, given what this machine offers.
+
+    Triton launches only on CUDA tensors; on CPU tensors it runs only under the interpreter.
+    Skips (rather than fails) on a CPU-only machine whose TRITON_INTERPRET is not "1".
+    """
+    if cuda_available:
+        return torch.device("cuda")
+    if not interpreted:
+        pytest.skip(
+            "no CUDA device and TRITON_INTERPRET is not '1': Triton kernels cannot run on CPU tensors "
+            "without the interpreter (set TRITON_INTERPRET=1 or leave it unset)"
+        )
+    return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """The one device every Triton kernel test puts its tensors on: CUDA when present, else the CPU
+    under the interpreter. Decided here only, so no kernel test can hand CPU tensors to a kernel
+    compiled for the GPU (the 57 CUDA failures of issue #10)."""
+    return pick_kernel_device(torch.cuda.is_available(), INTERPRETED)
+
+
 def pytest_report_header(config):
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (Triton interpreter)"
     return f"lxmert_fast: torch {torch.__version__}, GPU {device}"

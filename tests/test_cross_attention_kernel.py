@@ -23,23 +23,30 @@ from lxmert_fast.kernels import cross_attention as xattn
 from lxmert_fast.philox import philox_bits
 
 Tensor = torch.Tensor
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5
 # Slack added to the "twice the half-precision reference error" bound, per dtype.
 LOW_PRECISION_ATOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def _qkv(batch: int, lang_len: int, vis_len: int, heads: int, head_dim: int, dtype: torch.dtype) -> Tensor:
-    return torch.randn(batch, lang_len + vis_len, 3 * heads * head_dim, device=DEVICE).to(dtype)
+def _qkv(
+    batch: int,
+    lang_len: int,
+    vis_len: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    return torch.randn(batch, lang_len + vis_len, 3 * heads * head_dim, device=device).to(dtype)
 
 
-def _biases(batch: int, lang_len: int, vis_len: int, dtype: torch.dtype, which: str):
+def _biases(batch: int, lang_len: int, vis_len: int, dtype: torch.dtype, which: str, device: torch.device):
     """Additive biases: batch row 0 partially masked (finite min), row 1 fully masked with the
     finite minimum, row 2 fully masked with -inf (for both streams); ``which`` picks the streams."""
     lowest = torch.finfo(dtype).min
 
     def bias(length: int) -> Tensor:
-        b = torch.zeros(batch, length, device=DEVICE, dtype=dtype)
+        b = torch.zeros(batch, length, device=device, dtype=dtype)
         b[0, length // 2 + 1 :] = lowest
         if batch > 1:
             b[1] = lowest
@@ -97,7 +104,7 @@ def _check_low_precision(name: str, actual: Tensor, ref_low: Tensor, ref32: Tens
 def _compare(qkv, lang_len, heads, lang_bias, vis_bias, p=0.0, seed=None, keep_masks=None):
     """Run fused and reference(s) on the same inputs and check context and d(qkv)."""
     dtype = qkv.dtype
-    dout = torch.randn(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3, device=DEVICE).to(dtype)
+    dout = torch.randn(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3, device=qkv.device).to(dtype)
     out, grad = _fused(qkv, lang_len, heads, lang_bias, vis_bias, dout, p, seed)
     ref_out, ref_grad = _reference(
         qkv, lang_len, heads, lang_bias, vis_bias, dout, torch.float32, p, keep_masks
@@ -118,42 +125,44 @@ LENGTHS = [(1, 1), (1, 50), (7, 10), (7, 36), (20, 36), (20, 1), (33, 50), (33, 
 
 
 @pytest.mark.parametrize("lang_len, vis_len", LENGTHS)
-def test_fp32_matches_reference(lang_len, vis_len):
+def test_fp32_matches_reference(lang_len, vis_len, kernel_device):
     batch = 1 + lang_len % 3
     head_dim = 32 if vis_len % 2 else 64
-    _compare(_qkv(batch, lang_len, vis_len, 2, head_dim, torch.float32), lang_len, 2, None, None)
+    _compare(
+        _qkv(batch, lang_len, vis_len, 2, head_dim, torch.float32, kernel_device), lang_len, 2, None, None
+    )
 
 
 @pytest.mark.parametrize("lang_len, vis_len", LENGTHS[1::2])
-def test_fp16_within_twice_the_half_reference_error(lang_len, vis_len):
+def test_fp16_within_twice_the_half_reference_error(lang_len, vis_len, kernel_device):
     batch = 1 + lang_len % 3
-    _compare(_qkv(batch, lang_len, vis_len, 2, 32, torch.float16), lang_len, 2, None, None)
+    _compare(_qkv(batch, lang_len, vis_len, 2, 32, torch.float16, kernel_device), lang_len, 2, None, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_head_dim_128(dtype):
-    lang, vis = _biases(2, 20, 36, dtype, "both")
-    _compare(_qkv(2, 20, 36, 1, 128, dtype), 20, 1, lang, vis)
+def test_head_dim_128(dtype, kernel_device):
+    lang, vis = _biases(2, 20, 36, dtype, "both", kernel_device)
+    _compare(_qkv(2, 20, 36, 1, 128, dtype, kernel_device), 20, 1, lang, vis)
 
 
-def test_bf16_within_twice_the_bf16_reference_error():
+def test_bf16_within_twice_the_bf16_reference_error(kernel_device):
     # The launcher upcasts bf16 dot operands under the interpreter (its bf16 tl.dot is wrong).
-    lang, vis = _biases(2, 20, 36, torch.bfloat16, "visual")
-    _compare(_qkv(2, 20, 36, 2, 64, torch.bfloat16), 20, 2, lang, vis)
+    lang, vis = _biases(2, 20, 36, torch.bfloat16, "visual", kernel_device)
+    _compare(_qkv(2, 20, 36, 2, 64, torch.bfloat16, kernel_device), 20, 2, lang, vis)
 
 
-def test_lengths_beyond_one_block_in_half_precision():
+def test_lengths_beyond_one_block_in_half_precision(kernel_device):
     # Half precision takes 64-blocks: 130 words and 70 objects loop over several key blocks.
-    lang, vis = _biases(1, 130, 70, torch.float16, "both")
-    _compare(_qkv(1, 130, 70, 1, 32, torch.float16), 130, 1, lang, vis)
+    lang, vis = _biases(1, 130, 70, torch.float16, "both", kernel_device)
+    _compare(_qkv(1, 130, 70, 1, 32, torch.float16, kernel_device), 130, 1, lang, vis)
 
 
 @pytest.mark.parametrize("which", ["both", "lang", "visual"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_masks(which, dtype):
+def test_masks(which, dtype, kernel_device):
     lang_len, vis_len = (7, 10) if dtype == torch.float32 else (20, 36)
-    lang, vis = _biases(3, lang_len, vis_len, dtype, which)
-    out, grad = _compare(_qkv(3, lang_len, vis_len, 2, 32, dtype), lang_len, 2, lang, vis)
+    lang, vis = _biases(3, lang_len, vis_len, dtype, which, kernel_device)
+    out, grad = _compare(_qkv(3, lang_len, vis_len, 2, 32, dtype, kernel_device), lang_len, 2, lang, vis)
     hidden = 64
     # Batch row 2 is fully masked with -inf: zero context and zero d(q), exactly, as the reference.
     if lang is not None:
@@ -164,19 +173,19 @@ def test_masks(which, dtype):
         assert torch.equal(grad[2, :lang_len, :hidden], torch.zeros_like(grad[2, :lang_len, :hidden]))
 
 
-def test_finite_minimum_fully_masked_rows_attend_uniformly():
-    lang, vis = _biases(2, 7, 10, torch.float32, "both")
-    qkv = _qkv(2, 7, 10, 2, 32, torch.float32)
+def test_finite_minimum_fully_masked_rows_attend_uniformly(kernel_device):
+    lang, vis = _biases(2, 7, 10, torch.float32, "both", kernel_device)
+    qkv = _qkv(2, 7, 10, 2, 32, torch.float32, kernel_device)
     out = xattn.cross_attention(qkv, 7, 2, lang, vis, 0.0)
     v = qkv[1, :, 128:]
     _check_fp32("language rows", out[1, :7], v[7:].mean(0).expand(7, -1))
     _check_fp32("vision rows", out[1, 7:], v[:7].mean(0).expand(10, -1))
 
 
-def test_dropout_same_seed_same_result_and_deterministic_backward():
-    qkv = _qkv(2, 7, 36, 2, 32, torch.float16)
-    lang, vis = _biases(2, 7, 36, torch.float16, "both")
-    dout = torch.randn(2, 43, 64, device=DEVICE).half()
+def test_dropout_same_seed_same_result_and_deterministic_backward(kernel_device):
+    qkv = _qkv(2, 7, 36, 2, 32, torch.float16, kernel_device)
+    lang, vis = _biases(2, 7, 36, torch.float16, "both", kernel_device)
+    dout = torch.randn(2, 43, 64, device=kernel_device).half()
     a = _fused(qkv, 7, 2, lang, vis, dout, p=0.3, seed=7)
     b = _fused(qkv, 7, 2, lang, vis, dout, p=0.3, seed=7)
     c = _fused(qkv, 7, 2, lang, vis, dout, p=0.3, seed=8)
@@ -185,8 +194,8 @@ def test_dropout_same_seed_same_result_and_deterministic_backward():
     assert not torch.equal(a[0], c[0]), "another seed gave the same dropout"
 
 
-def test_dropout_seed_drawn_from_torch_generator():
-    qkv = _qkv(1, 7, 10, 2, 32, torch.float32)
+def test_dropout_seed_drawn_from_torch_generator(kernel_device):
+    qkv = _qkv(1, 7, 10, 2, 32, torch.float32, kernel_device)
     torch.manual_seed(123)
     a = xattn.cross_attention(qkv, 7, 2, None, None, 0.5)
     torch.manual_seed(123)
@@ -195,8 +204,8 @@ def test_dropout_seed_drawn_from_torch_generator():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_keep_rate_within_binomial_bounds(p):
-    lang_keep, vis_keep = xattn.dropout_keep_masks(3, 0, 2, 3, 20, 36, p, DEVICE)
+def test_dropout_keep_rate_within_binomial_bounds(p, kernel_device):
+    lang_keep, vis_keep = xattn.dropout_keep_masks(3, 0, 2, 3, 20, 36, p, kernel_device)
     assert lang_keep.shape == (2, 3, 20, 36) and vis_keep.shape == (2, 3, 36, 20)
     n = lang_keep.numel() + vis_keep.numel()
     kept = int(lang_keep.sum() + vis_keep.sum())
@@ -205,52 +214,54 @@ def test_dropout_keep_rate_within_binomial_bounds(p):
     assert not torch.equal(lang_keep[0, 0], lang_keep[0, 1]), "heads share a mask"
 
 
-def test_dropout_masks_are_the_documented_philox_stream():
+def test_dropout_masks_are_the_documented_philox_stream(kernel_device):
     batch, heads, lang_len, vis_len, p, seed, offset = 2, 2, 7, 10, 0.3, 11, 5
-    lang_keep, vis_keep = xattn.dropout_keep_masks(seed, offset, batch, heads, lang_len, vis_len, p, DEVICE)
+    lang_keep, vis_keep = xattn.dropout_keep_masks(
+        seed, offset, batch, heads, lang_len, vis_len, p, kernel_device
+    )
     pair = lang_len * vis_len
-    bits = philox_bits(seed, offset, batch * heads * 2 * pair, DEVICE)[:, 0]
+    bits = philox_bits(seed, offset, batch * heads * 2 * pair, kernel_device)[:, 0]
     keep = ((bits >> 8) >= reference.probability_threshold(p)).view(batch, heads, 2, pair)
     assert torch.equal(lang_keep, keep[:, :, 0].reshape(batch, heads, lang_len, vis_len))
     assert torch.equal(vis_keep, keep[:, :, 1].reshape(batch, heads, vis_len, lang_len))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dropout_matches_reference_given_the_exported_masks(dtype):
+def test_dropout_matches_reference_given_the_exported_masks(dtype, kernel_device):
     batch, heads, lang_len, vis_len, p, seed = 3, 2, 7, 36, 0.2, 99
-    lang, vis = _biases(batch, lang_len, vis_len, dtype, "both")
-    masks = xattn.dropout_keep_masks(seed, 0, batch, heads, lang_len, vis_len, p, DEVICE)
-    qkv = _qkv(batch, lang_len, vis_len, heads, 32, dtype)
+    lang, vis = _biases(batch, lang_len, vis_len, dtype, "both", kernel_device)
+    masks = xattn.dropout_keep_masks(seed, 0, batch, heads, lang_len, vis_len, p, kernel_device)
+    qkv = _qkv(batch, lang_len, vis_len, heads, 32, dtype, kernel_device)
     _compare(qkv, lang_len, heads, lang, vis, p=p, seed=seed, keep_masks=masks)
 
 
-def test_dropout_everything():
-    qkv = _qkv(1, 7, 10, 2, 32, torch.float32)
-    dout = torch.randn(1, 17, 64, device=DEVICE)
+def test_dropout_everything(kernel_device):
+    qkv = _qkv(1, 7, 10, 2, 32, torch.float32, kernel_device)
+    dout = torch.randn(1, 17, 64, device=kernel_device)
     out, grad = _fused(qkv, 7, 2, None, None, dout, p=1.0, seed=1)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("layout", ["slice", "token_major"])
-def test_non_contiguous_qkv_views(layout):
+def test_non_contiguous_qkv_views(layout, kernel_device):
     heads, head_dim, lang_len, vis_len = 2, 32, 7, 10
     width = 3 * heads * head_dim
     if layout == "slice":  # qkv as a column slice of a wider projection output
-        base = torch.randn(2, lang_len + vis_len, width + 24, device=DEVICE)
+        base = torch.randn(2, lang_len + vis_len, width + 24, device=kernel_device)
 
         def view(x):
             return x[:, :, 5 : 5 + width]
 
     else:  # a [T, B, 3*hidden] tensor seen batch-first
-        base = torch.randn(lang_len + vis_len, 2, width, device=DEVICE)
+        base = torch.randn(lang_len + vis_len, 2, width, device=kernel_device)
 
         def view(x):
             return x.transpose(0, 1)
 
-    lang, vis = _biases(2, lang_len, vis_len, torch.float32, "both")
+    lang, vis = _biases(2, lang_len, vis_len, torch.float32, "both", kernel_device)
     vis = vis.t().contiguous().t()  # a bias with a non-unit token stride, too
-    dout = torch.randn(2, lang_len + vis_len, width // 3, device=DEVICE)
+    dout = torch.randn(2, lang_len + vis_len, width // 3, device=kernel_device)
     fused_base = base.clone().requires_grad_()
     qkv = view(fused_base)
     assert not qkv.is_contiguous() and qkv.stride(-1) == 1
@@ -263,18 +274,18 @@ def test_non_contiguous_qkv_views(layout):
     _check_fp32("d(qkv)", fused_base.grad, ref_base.grad)
 
 
-def test_dispatcher_runs_the_kernel_under_the_triton_backend():
+def test_dispatcher_runs_the_kernel_under_the_triton_backend(kernel_device):
     assert fast_path_of(ops.CROSS_ATTENTION).impl is xattn.cross_attention
-    qkv = _qkv(2, 7, 10, 2, 32, torch.float32)
-    lang, vis = _biases(2, 7, 10, torch.float32, "both")
+    qkv = _qkv(2, 7, 10, 2, 32, torch.float32, kernel_device)
+    lang, vis = _biases(2, 7, 10, torch.float32, "both", kernel_device)
     with lxmert_fast.use_backend("triton"):
         out, probs = ops.bidirectional_cross_attention(qkv, 7, 2, lang, vis, 0.0)
     assert probs is None
     assert torch.equal(out, xattn.cross_attention(qkv, 7, 2, lang, vis, 0.0))
 
 
-def test_unsupported_case_raises_under_the_triton_backend():
-    qkv = torch.randn(1, 17, 3 * 48, device=DEVICE)
+def test_unsupported_case_raises_under_the_triton_backend(kernel_device):
+    qkv = torch.randn(1, 17, 3 * 48, device=kernel_device)
     with (
         lxmert_fast.use_backend("triton"),
         pytest.raises(lxmert_fast.BackendUnavailableError, match="head_dim"),
@@ -282,12 +293,12 @@ def test_unsupported_case_raises_under_the_triton_backend():
         ops.bidirectional_cross_attention(qkv, 7, 1, None, None, 0.0)
 
 
-def test_supports_names_what_it_cannot_do():
-    qkv = torch.randn(1, 17, 3 * 64, device=DEVICE)
+def test_supports_names_what_it_cannot_do(kernel_device):
+    qkv = torch.randn(1, 17, 3 * 64, device=kernel_device)
     assert xattn.supports(qkv, 7, 2, None, None, 0.1) is None
     assert "dtype" in xattn.supports(qkv.double(), 7, 2, None, None, 0.0)
     assert "head_dim" in xattn.supports(qkv, 7, 4, None, None, 0.0)
-    strided = torch.randn(1, 17, 3 * 64, 2, device=DEVICE)[..., 0]
+    strided = torch.randn(1, 17, 3 * 64, 2, device=kernel_device)[..., 0]
     assert "stride" in xattn.supports(strided, 7, 2, None, None, 0.0)
-    bias = torch.zeros(1, 7, device=DEVICE, requires_grad=True)
+    bias = torch.zeros(1, 7, device=kernel_device, requires_grad=True)
     assert "lang_bias" in xattn.supports(qkv, 7, 2, bias, None, 0.0)

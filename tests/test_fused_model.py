@@ -23,16 +23,22 @@ def extended(mask):
     return (1.0 - mask[:, None, None, :]) * torch.finfo(torch.float32).min
 
 
+def batch_on(device, config, *args):
+    """``make_batch`` (drawn on the CPU, so every device sees the same batch) moved to ``device``."""
+    return {name: t.to(device) for name, t in make_batch(config, *args).items()}
+
+
 @pytest.mark.parametrize(("batch", "lang_len", "num_boxes"), [(1, 1, 1), (3, 20, 36), (2, 7, 10)])
-def test_cross_layer_matches_transformers_forward_and_gradients(batch, lang_len, num_boxes):
+def test_cross_layer_matches_transformers_forward_and_gradients(batch, lang_len, num_boxes, kernel_device):
     config = hf_config(**FUSED)
     hf = LxmertXLayer(config).eval()
     ours = CrossLayer(config).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
-    masks = make_batch(config, batch, lang_len, num_boxes, True, True)
+    hf, ours = hf.to(kernel_device), ours.to(kernel_device)
+    masks = batch_on(kernel_device, config, batch, lang_len, num_boxes, True, True)
     lm, vm = extended(masks["attention_mask"]), extended(masks["visual_attention_mask"])
-    lang = torch.randn(batch, lang_len, 64, requires_grad=True)
-    vis = torch.randn(batch, num_boxes, 64, requires_grad=True)
+    lang = torch.randn(batch, lang_len, 64, device=kernel_device, requires_grad=True)
+    vis = torch.randn(batch, num_boxes, 64, device=kernel_device, requires_grad=True)
     results = []
     for layer, backend in ((hf, "reference"), (ours, "triton")):
         lang.grad = vis.grad = None
@@ -44,9 +50,10 @@ def test_cross_layer_matches_transformers_forward_and_gradients(batch, lang_len,
     assert max_scaled_diff(results[0], results[1]) <= 1e-5
 
 
-def test_whole_pretraining_model_on_fused_kernels_matches_transformers():
+def test_whole_pretraining_model_on_fused_kernels_matches_transformers(kernel_device):
     hf, ours = twins("LxmertForPreTraining", lxmert_fast.LxmertForPreTraining, **FUSED)
-    inputs = make_batch(hf.config, 2, 9, 12, True, True)
+    hf, ours = hf.to(kernel_device), ours.to(kernel_device)
+    inputs = batch_on(kernel_device, hf.config, 2, 9, 12, True, True)
     with torch.no_grad(), lxmert_fast.use_backend("triton"):
         b = ours(**inputs, output_hidden_states=True, return_dict=False)
     with torch.no_grad():
@@ -54,9 +61,10 @@ def test_whole_pretraining_model_on_fused_kernels_matches_transformers():
     assert max_abs_diff(a, b) <= 1e-5
 
 
-def test_output_attentions_uses_the_reference_under_triton():
+def test_output_attentions_uses_the_reference_under_triton(kernel_device):
     hf, ours = twins("LxmertModel", lxmert_fast.LxmertModel, **FUSED)
-    inputs = make_batch(hf.config, 2, 5, 6, True, False)
+    hf, ours = hf.to(kernel_device), ours.to(kernel_device)
+    inputs = batch_on(kernel_device, hf.config, 2, 5, 6, True, False)
     with torch.no_grad(), lxmert_fast.use_backend("triton"):
         b = ours(**inputs, output_attentions=True, return_dict=False)
     with torch.no_grad():
@@ -64,16 +72,17 @@ def test_output_attentions_uses_the_reference_under_triton():
     assert max_abs_diff(a, b) <= 1e-5
 
 
-def test_training_step_on_fused_kernels_runs_and_is_seeded():
+def test_training_step_on_fused_kernels_runs_and_is_seeded(kernel_device):
     torch.manual_seed(0)
     config = lxmert_fast.LxmertConfig(**dict(FUSED, l_layers=1, x_layers=1, r_layers=1))
-    model = lxmert_fast.LxmertForPreTraining(config).train()
-    inputs = make_batch(model.config, 2, 6, 5, True, False)
+    model = lxmert_fast.LxmertForPreTraining(config).train().to(kernel_device)
+    inputs = batch_on(kernel_device, model.config, 2, 6, 5, True, False)
+    matched_label = torch.tensor([1, 0], device=kernel_device)
     losses = []
     for _ in range(2):
         torch.manual_seed(1)
         with lxmert_fast.use_backend("triton"):
-            out = model(**inputs, matched_label=torch.tensor([1, 0]))
+            out = model(**inputs, matched_label=matched_label)
         out.loss.backward()
         losses.append(out.loss.item())
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

@@ -24,17 +24,20 @@ ALL_DTYPES = (torch.float32, *LOW_PRECISION)
 NAMES = ("out", "grad_hidden", "grad_residual", "grad_weight", "grad_bias")
 
 
-def make_inputs(shape: tuple[int, ...], seed: int = 0) -> dict[str, torch.Tensor]:
-    """fp32 masters: a residual with an offset mean so the centring matters, weights around 1."""
+def make_inputs(shape: tuple[int, ...], device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 masters: a residual with an offset mean so the centring matters, weights around 1.
+
+    Drawn on the CPU from a seeded generator, so every device tests the same numbers."""
     g = torch.Generator().manual_seed(seed)
     n = shape[-1]
-    return {
+    masters = {
         "hidden": torch.randn(shape, generator=g),
         "residual": 2.0 * torch.randn(shape, generator=g) + 0.5,
         "weight": 1.0 + 0.5 * torch.randn(n, generator=g),
         "bias": 0.5 * torch.randn(n, generator=g),
         "grad_out": torch.randn(shape, generator=g),
     }
+    return {name: t.to(device) for name, t in masters.items()}
 
 
 def _leaves(inputs, dtype, weight_dtype):
@@ -101,14 +104,14 @@ def assert_matches(fast_results, inputs, dtype, weight_dtype=None, p=0.0, keep_m
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("hidden_size", [32, 100, 768])
 @pytest.mark.parametrize("rows", [1, 7, 36, 100])
-def test_forward_and_grads_match_reference(rows, hidden_size, dtype):
-    inputs = make_inputs((rows, hidden_size))
+def test_forward_and_grads_match_reference(rows, hidden_size, dtype, kernel_device):
+    inputs = make_inputs((rows, hidden_size), kernel_device)
     assert_matches(run_fast(inputs, dtype), inputs, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_fp32_weight_with_half_inputs(dtype):
-    inputs = make_inputs((7, 100))
+def test_fp32_weight_with_half_inputs(dtype, kernel_device):
+    inputs = make_inputs((7, 100), kernel_device)
     results = run_fast(inputs, dtype, weight_dtype=torch.float32)
     assert results[0].dtype == dtype
     assert results[3].dtype == results[4].dtype == torch.float32
@@ -127,18 +130,18 @@ def test_fp32_weight_with_half_inputs(dtype):
     ],
     ids=str,
 )
-def test_dropout_matches_reference_with_exported_mask(shape, dtype, offset):
+def test_dropout_matches_reference_with_exported_mask(shape, dtype, offset, kernel_device):
     p, seed = 0.1, 1234
-    inputs = make_inputs(shape)
+    inputs = make_inputs(shape, kernel_device)
     results = run_fast(inputs, dtype, p=p, seed=seed, offset=offset)
-    keep = rln.dropout_keep_mask(seed, offset, shape, p)
+    keep = rln.dropout_keep_mask(seed, offset, shape, p, kernel_device)
     # Every dropped element has a zero hidden gradient and no kept one does: the masks agree exactly.
     assert torch.equal(results[1] != 0, keep)
     assert_matches(results, inputs, dtype, p=p, keep_mask=keep)
 
 
-def test_dropout_same_seed_identical_other_seed_differs():
-    inputs = make_inputs((7, 100))
+def test_dropout_same_seed_identical_other_seed_differs(kernel_device):
+    inputs = make_inputs((7, 100), kernel_device)
     first = run_fast(inputs, torch.float32, p=0.3, seed=42)
     again = run_fast(inputs, torch.float32, p=0.3, seed=42)
     other = run_fast(inputs, torch.float32, p=0.3, seed=43)
@@ -154,10 +157,10 @@ def _assert_binomial(kept: int, n: int, p: float, sigmas: float = 5.0) -> None:
     assert abs(kept - expected) <= sigmas * std, f"kept {kept} of {n}, expected {expected:.0f} ± {std:.0f}"
 
 
-def test_keep_rate_within_binomial_bounds():
+def test_keep_rate_within_binomial_bounds(kernel_device):
     # The kernels draw exactly this mask (test_dropout_matches_reference_with_exported_mask).
     for p in (0.1, 0.5, 0.9):
-        mask = rln.dropout_keep_mask(11, 0, (400, 1000), p)
+        mask = rln.dropout_keep_mask(11, 0, (400, 1000), p, kernel_device)
         _assert_binomial(int(mask.sum()), mask.numel(), p)
         # Each of the four Philox words feeds one column class: all four must be unbiased.
         for word in range(4):
@@ -166,16 +169,17 @@ def test_keep_rate_within_binomial_bounds():
         assert not torch.equal(mask[0], mask[1]), "rows must draw different masks"
 
 
-def test_dropout_p_one_drops_everything():
-    inputs = make_inputs((7, 100))
+def test_dropout_p_one_drops_everything(kernel_device):
+    inputs = make_inputs((7, 100), kernel_device)
     results = run_fast(inputs, torch.float32, p=1.0, seed=5)
     assert torch.equal(results[1], torch.zeros_like(results[1]))
     assert all(torch.isfinite(r).all() for r in results)
-    assert_matches(results, inputs, torch.float32, p=1.0, keep_mask=torch.zeros(7, 100, dtype=torch.bool))
+    drop_all = torch.zeros(7, 100, dtype=torch.bool, device=kernel_device)
+    assert_matches(results, inputs, torch.float32, p=1.0, keep_mask=drop_all)
 
 
-def test_backward_twice_is_bitwise_equal():
-    inputs = make_inputs((36, 100))
+def test_backward_twice_is_bitwise_equal(kernel_device):
+    inputs = make_inputs((36, 100), kernel_device)
     leaves = _leaves(inputs, torch.bfloat16, torch.bfloat16)
     out = rln.residual_dropout_layer_norm(*leaves, EPS, 0.1, seed=99)
     grad_out = inputs["grad_out"].to(torch.bfloat16)
@@ -185,8 +189,8 @@ def test_backward_twice_is_bitwise_equal():
         assert torch.equal(a, b)
 
 
-def test_no_grad_forward_saves_nothing_and_equals_training_forward(monkeypatch):
-    inputs = make_inputs((7, 100))
+def test_no_grad_forward_saves_nothing_and_equals_training_forward(monkeypatch, kernel_device):
+    inputs = make_inputs((7, 100), kernel_device)
     args = (inputs["hidden"], inputs["residual"], inputs["weight"], inputs["bias"], EPS, 0.2)
     saves = []
     launcher = rln.residual_dropout_layer_norm_forward
@@ -203,10 +207,10 @@ def test_no_grad_forward_saves_nothing_and_equals_training_forward(monkeypatch):
     assert torch.equal(plain, tracked.detach())
 
 
-def test_non_contiguous_inputs_and_grad():
+def test_non_contiguous_inputs_and_grad(kernel_device):
     shape = (2, 5, 48)
-    inputs = make_inputs(shape)
-    hidden_wide = torch.cat((inputs["hidden"], torch.randn(shape)), dim=-1)
+    inputs = make_inputs(shape, kernel_device)
+    hidden_wide = torch.cat((inputs["hidden"], torch.randn(shape, device=kernel_device)), dim=-1)
     hidden = hidden_wide[..., :48].requires_grad_()  # row-strided view: read in place
     residual = inputs["residual"].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
     weight = inputs["weight"].clone().requires_grad_()
@@ -219,8 +223,8 @@ def test_non_contiguous_inputs_and_grad():
     assert_matches((out, *grads), inputs, torch.float32)
 
 
-def test_column_major_hidden_is_copied():
-    inputs = make_inputs((6, 40))
+def test_column_major_hidden_is_copied(kernel_device):
+    inputs = make_inputs((6, 40), kernel_device)
     hidden = inputs["hidden"].t().contiguous().t().requires_grad_()  # last dim not contiguous
     leaves = [hidden, *_leaves(inputs, torch.float32, torch.float32)[1:]]
     out = rln.residual_dropout_layer_norm(*leaves, EPS)
@@ -228,15 +232,16 @@ def test_column_major_hidden_is_copied():
     assert_matches((out, *grads), inputs, torch.float32)
 
 
-def test_zero_rows():
-    inputs = make_inputs((0, 32))
+def test_zero_rows(kernel_device):
+    inputs = make_inputs((0, 32), kernel_device)
     results = run_fast(inputs, torch.float32)
     assert results[0].shape == (0, 32)
-    assert torch.equal(results[3], torch.zeros(32)) and torch.equal(results[4], torch.zeros(32))
+    zeros = torch.zeros(32, device=kernel_device)
+    assert torch.equal(results[3], zeros) and torch.equal(results[4], zeros)
 
 
-def test_dispatcher_uses_kernel_under_triton_backend():
-    inputs = make_inputs((3, 4, 100))
+def test_dispatcher_uses_kernel_under_triton_backend(kernel_device):
+    inputs = make_inputs((3, 4, 100), kernel_device)
     args = (inputs["hidden"], inputs["residual"], inputs["weight"], inputs["bias"], EPS)
     with lxmert_fast.use_backend("triton"):
         out = ops.residual_dropout_layer_norm(*args, 0.0)
@@ -248,7 +253,7 @@ def test_dispatcher_uses_kernel_under_triton_backend():
     assert torch.equal(dropped, dropped_again), "torch.manual_seed must reproduce the dropout draw"
     torch.manual_seed(123)
     seed = int(torch.randint(0, 2**31 - 1, ()))
-    keep = rln.dropout_keep_mask(seed, 0, (3, 4, 100), 0.25)
+    keep = rln.dropout_keep_mask(seed, 0, (3, 4, 100), 0.25, kernel_device)
     expected = reference.residual_dropout_layer_norm(*args, 0.25, keep)
     torch.testing.assert_close(dropped, expected, atol=1e-5, rtol=1e-5)
 
@@ -264,19 +269,21 @@ def test_dispatcher_uses_kernel_under_triton_backend():
     ],
     ids=["fp64", "too-wide", "residual-dtype", "weight-dtype", "bias-dtype"],
 )
-def test_unsupported_case_raises_under_triton_backend(change, reason):
+def test_unsupported_case_raises_under_triton_backend(change, reason, kernel_device):
     dtype = change.get("dtype", torch.bfloat16)
     n = change.get("hidden_size", 16)
-    hidden = torch.randn(2, n, dtype=dtype)
-    residual = torch.randn(2, n, dtype=change.get("residual_dtype", dtype))
-    weight = torch.ones(n, dtype=change.get("weight_dtype", dtype))
-    bias = torch.zeros(n, dtype=change.get("bias_dtype", weight.dtype))
+    hidden = torch.randn(2, n, dtype=dtype, device=kernel_device)
+    residual = torch.randn(2, n, dtype=change.get("residual_dtype", dtype), device=kernel_device)
+    weight = torch.ones(n, dtype=change.get("weight_dtype", dtype), device=kernel_device)
+    bias = torch.zeros(n, dtype=change.get("bias_dtype", weight.dtype), device=kernel_device)
     assert reason in rln.supports(hidden, residual, weight, bias, EPS, 0.0)
     with lxmert_fast.use_backend("triton"), pytest.raises(lxmert_fast.BackendUnavailableError, match=reason):
         ops.residual_dropout_layer_norm(hidden, residual, weight, bias, EPS, 0.0)
 
 
-def test_bad_shape_names_the_argument():
-    hidden = torch.randn(2, 16)
+def test_bad_shape_names_the_argument(kernel_device):
+    hidden = torch.randn(2, 16, device=kernel_device)
+    residual = torch.randn(2, 8, device=kernel_device)
+    weight, bias = torch.ones(16, device=kernel_device), torch.zeros(16, device=kernel_device)
     with lxmert_fast.use_backend("triton"), pytest.raises(ValueError, match="residual"):
-        ops.residual_dropout_layer_norm(hidden, torch.randn(2, 8), torch.ones(16), torch.zeros(16), EPS)
+        ops.residual_dropout_layer_norm(hidden, residual, weight, bias, EPS)

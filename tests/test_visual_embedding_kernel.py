@@ -22,7 +22,6 @@ from lxmert_fast import backend, ops, reference
 from lxmert_fast.kernels import visual_embedding as ve
 from lxmert_fast.philox import philox_bits
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = 1e-12
 NAMES = (
     "features",
@@ -45,16 +44,22 @@ ROW_CASES = [(1, 1, 0.0), (1, 36, 0.1), (37, 1, 0.0), (4, 25, 0.1)]
 
 
 def make_inputs(
-    batch: int, objects: int, feat_dim: int, hidden: int, pos_dim: int = 4, dtype: torch.dtype = torch.float32
+    batch: int,
+    objects: int,
+    feat_dim: int,
+    hidden: int,
+    device: torch.device,
+    pos_dim: int = 4,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """Inputs in the order of the op's signature, scaled like a trained model's."""
 
     def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        return (torch.randn(*shape, device=DEVICE) * scale + shift).to(dtype)
+        return (torch.randn(*shape, device=device) * scale + shift).to(dtype)
 
     return [
         rand(batch, objects, feat_dim),
-        torch.rand(batch, objects, pos_dim, device=DEVICE).to(dtype),
+        torch.rand(batch, objects, pos_dim, device=device).to(dtype),
         rand(hidden, feat_dim, scale=feat_dim**-0.5),
         rand(hidden, scale=0.1),
         rand(hidden, scale=0.1, shift=1.0),
@@ -82,7 +87,7 @@ def run_reference(inputs, grad_out, dropout_p=0.0, seed=1234, offset=0, dtype=No
     grad_out = grad_out.to(dtype) if dtype is not None else grad_out
     keep = None
     if dropout_p > 0:
-        keep = ve.dropout_keep_mask(seed, offset, tuple(grad_out.shape), dropout_p, DEVICE)
+        keep = ve.dropout_keep_mask(seed, offset, tuple(grad_out.shape), dropout_p, grad_out.device)
     return run(reference.visual_embedding, inputs, grad_out, dropout_p, keep_mask=keep)
 
 
@@ -118,17 +123,17 @@ def assert_lowp_close(fast, ref_lowp, ref32, atol_rel: float) -> None:
 
 
 @pytest.mark.parametrize(("batch", "objects", "dropout_p"), ROW_CASES)
-def test_fp32_matches_reference(batch, objects, dropout_p):
-    inputs = make_inputs(batch, objects, feat_dim=64, hidden=96)
-    grad_out = torch.randn(batch, objects, 96, device=DEVICE)
+def test_fp32_matches_reference(batch, objects, dropout_p, kernel_device):
+    inputs = make_inputs(batch, objects, feat_dim=64, hidden=96, device=kernel_device)
+    grad_out = torch.randn(batch, objects, 96, device=kernel_device)
     assert_fp32_close(run_fast(inputs, grad_out, dropout_p), run_reference(inputs, grad_out, dropout_p))
 
 
 @pytest.mark.parametrize(("dtype", "atol_rel"), LOW_PRECISION)
 @pytest.mark.parametrize(("batch", "objects", "dropout_p"), ROW_CASES)
-def test_low_precision_matches_reference(batch, objects, dropout_p, dtype, atol_rel):
-    inputs = make_inputs(batch, objects, feat_dim=64, hidden=96, dtype=dtype)
-    grad_out = torch.randn(batch, objects, 96, device=DEVICE).to(dtype)
+def test_low_precision_matches_reference(batch, objects, dropout_p, dtype, atol_rel, kernel_device):
+    inputs = make_inputs(batch, objects, feat_dim=64, hidden=96, device=kernel_device, dtype=dtype)
+    grad_out = torch.randn(batch, objects, 96, device=kernel_device).to(dtype)
     fast = run_fast(inputs, grad_out, dropout_p)
     ref_lowp = run_reference(inputs, grad_out, dropout_p)
     ref32 = run_reference(inputs, grad_out, dropout_p, dtype=torch.float32)
@@ -138,10 +143,10 @@ def test_low_precision_matches_reference(batch, objects, dropout_p, dtype, atol_
 @pytest.mark.parametrize(
     ("dtype", "dropout_p"), [(torch.float32, 0.1), (torch.bfloat16, 0.0)], ids=["fp32-dropout", "bf16"]
 )
-def test_lxmert_size(dtype, dropout_p):
+def test_lxmert_size(dtype, dropout_p, kernel_device):
     """The real 2048 -> 768 projection on a few rows (one full and one partial 4-row tile)."""
-    inputs = make_inputs(1, 5, feat_dim=2048, hidden=768, dtype=dtype)
-    grad_out = torch.randn(1, 5, 768, device=DEVICE).to(dtype)
+    inputs = make_inputs(1, 5, feat_dim=2048, hidden=768, device=kernel_device, dtype=dtype)
+    grad_out = torch.randn(1, 5, 768, device=kernel_device).to(dtype)
     fast = run_fast(inputs, grad_out, dropout_p)
     if dtype == torch.float32:
         assert_fp32_close(fast, run_reference(inputs, grad_out, dropout_p))
@@ -157,27 +162,27 @@ def test_lxmert_size(dtype, dropout_p):
     [(16, 1), (96, 3), (130, 7), (520, 8), (1000, 4)],
     ids=["h16-p1", "h96-p3", "h130-p7", "h520-p8", "h1000-p4"],
 )
-def test_block_sizes_and_pos_dims(hidden, pos_dim):
+def test_block_sizes_and_pos_dims(hidden, pos_dim, kernel_device):
     """Narrow to full 1024-wide rows and both BLOCK_P (4, 8), with masked columns and box dims."""
-    inputs = make_inputs(3, 7, feat_dim=32, hidden=hidden, pos_dim=pos_dim)
-    grad_out = torch.randn(3, 7, hidden, device=DEVICE)
+    inputs = make_inputs(3, 7, feat_dim=32, hidden=hidden, device=kernel_device, pos_dim=pos_dim)
+    grad_out = torch.randn(3, 7, hidden, device=kernel_device)
     assert_fp32_close(run_fast(inputs, grad_out, 0.2), run_reference(inputs, grad_out, 0.2))
 
 
-def test_non_contiguous_inputs_and_offset():
-    base = make_inputs(5, 3, feat_dim=48, hidden=96)
+def test_non_contiguous_inputs_and_offset(kernel_device):
+    base = make_inputs(5, 3, feat_dim=48, hidden=96, device=kernel_device)
     inputs = list(base)
     inputs[0] = base[0].transpose(0, 1).contiguous().transpose(0, 1)
     inputs[1] = base[1].transpose(0, 1).contiguous().transpose(0, 1)
     assert not inputs[0].is_contiguous() and not inputs[1].is_contiguous()
-    grad_out = torch.randn(5, 3, 96, device=DEVICE)
+    grad_out = torch.randn(5, 3, 96, device=kernel_device)
     fast = run_fast(inputs, grad_out, 0.5, seed=77, offset=1000)
     assert_fp32_close(fast, run_reference(base, grad_out, 0.5, seed=77, offset=1000))
 
 
-def test_partial_input_grads():
+def test_partial_input_grads(kernel_device):
     """Only features and the box LayerNorm need grads: the others come back as None."""
-    inputs = make_inputs(2, 9, feat_dim=32, hidden=96)
+    inputs = make_inputs(2, 9, feat_dim=32, hidden=96, device=kernel_device)
     leaves = [
         t.detach().clone().requires_grad_(name in ("features", "box_ln_weight"))
         for name, t in zip(NAMES, inputs, strict=True)
@@ -189,23 +194,23 @@ def test_partial_input_grads():
     assert_fp32_close([leaves[0].grad, leaves[8].grad], [ref[1], ref[9]], names=("features", "box_ln_weight"))
 
 
-def test_dropout_all_dropped():
-    inputs = make_inputs(2, 4, feat_dim=32, hidden=96)
-    grad_out = torch.randn(2, 4, 96, device=DEVICE)
+def test_dropout_all_dropped(kernel_device):
+    inputs = make_inputs(2, 4, feat_dim=32, hidden=96, device=kernel_device)
+    grad_out = torch.randn(2, 4, 96, device=kernel_device)
     fast = run_fast(inputs, grad_out, 1.0)
     assert torch.count_nonzero(fast[0]) == 0
     assert all(torch.count_nonzero(g) == 0 for g in fast[1:])
 
 
-def test_dropout_same_seed_identical_other_seed_differs():
-    inputs = make_inputs(2, 36, feat_dim=32, hidden=96)
+def test_dropout_same_seed_identical_other_seed_differs(kernel_device):
+    inputs = make_inputs(2, 36, feat_dim=32, hidden=96, device=kernel_device)
     first = ve.visual_embedding(*inputs, EPS, 0.1, seed=9)
     assert torch.equal(first, ve.visual_embedding(*inputs, EPS, 0.1, seed=9))
     assert not torch.equal(first, ve.visual_embedding(*inputs, EPS, 0.1, seed=10))
 
 
-def test_dropout_seed_comes_from_torch_generator():
-    inputs = make_inputs(2, 36, feat_dim=32, hidden=96)
+def test_dropout_seed_comes_from_torch_generator(kernel_device):
+    inputs = make_inputs(2, 36, feat_dim=32, hidden=96, device=kernel_device)
     torch.manual_seed(123)
     first = ve.visual_embedding(*inputs, EPS, 0.1)
     torch.manual_seed(123)
@@ -213,9 +218,9 @@ def test_dropout_seed_comes_from_torch_generator():
 
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
-def test_keep_rate_within_binomial_bounds(dropout_p):
+def test_keep_rate_within_binomial_bounds(dropout_p, kernel_device):
     n = 64 * 768
-    keep = ve.dropout_keep_mask(2024, 0, (64, 768), dropout_p, DEVICE)
+    keep = ve.dropout_keep_mask(2024, 0, (64, 768), dropout_p, kernel_device)
     expected = n * (1 - dropout_p)
     sigma = math.sqrt(n * dropout_p * (1 - dropout_p))
     assert abs(keep.sum().item() - expected) <= 5 * sigma
@@ -224,31 +229,31 @@ def test_keep_rate_within_binomial_bounds(dropout_p):
 @pytest.mark.parametrize(
     ("seed", "offset", "dropout_p"), [(0, 0, 0.1), (2**31 - 2, 12345, 0.5), (77, 3, 0.9)]
 )
-def test_keep_mask_is_documented_philox_mapping(seed, offset, dropout_p):
+def test_keep_mask_is_documented_philox_mapping(seed, offset, dropout_p, kernel_device):
     """keep = u >= p with u = triton's uint_to_uniform_float(Philox4x32-10 word 0 at offset + i)."""
     n = 3000
     word = philox_bits(seed, offset, n)[:, 0]
     folded = torch.where(word >= 2**31, 2**32 - 1 - word, word)
     uniform = folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
     expected = uniform >= torch.tensor(dropout_p, dtype=torch.float32)
-    assert torch.equal(ve.dropout_keep_mask(seed, offset, (n,), dropout_p, DEVICE).cpu(), expected)
+    assert torch.equal(ve.dropout_keep_mask(seed, offset, (n,), dropout_p, kernel_device).cpu(), expected)
 
 
-def test_backward_is_deterministic():
-    inputs = make_inputs(4, 25, feat_dim=64, hidden=96, dtype=torch.bfloat16)
-    grad_out = torch.randn(4, 25, 96, device=DEVICE).to(torch.bfloat16)
+def test_backward_is_deterministic(kernel_device):
+    inputs = make_inputs(4, 25, feat_dim=64, hidden=96, device=kernel_device, dtype=torch.bfloat16)
+    grad_out = torch.randn(4, 25, 96, device=kernel_device).to(torch.bfloat16)
     first = run_fast(inputs, grad_out, 0.1)
-    for _ in range(20 if DEVICE.type == "cuda" else 1):
+    for _ in range(20 if kernel_device.type == "cuda" else 1):
         again = run_fast(inputs, grad_out, 0.1)
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
-def test_dispatcher_runs_the_kernel_under_triton_backend():
-    inputs = make_inputs(2, 18, feat_dim=64, hidden=96)
-    grad_out = torch.randn(2, 18, 96, device=DEVICE)
+def test_dispatcher_runs_the_kernel_under_triton_backend(kernel_device):
+    inputs = make_inputs(2, 18, feat_dim=64, hidden=96, device=kernel_device)
+    grad_out = torch.randn(2, 18, 96, device=kernel_device)
     torch.manual_seed(5)
     with lxmert_fast.use_backend("triton"):
-        assert backend.choose(ops.VISUAL_EMBEDDING, DEVICE, *inputs, EPS, 0.1) is ve.visual_embedding
+        assert backend.choose(ops.VISUAL_EMBEDDING, kernel_device, *inputs, EPS, 0.1) is ve.visual_embedding
         fast = run(ops.visual_embedding, inputs, grad_out, 0.1)
     torch.manual_seed(5)
     seed = int(torch.randint(0, 2**31 - 1, ()))
@@ -265,9 +270,11 @@ def test_dispatcher_runs_the_kernel_under_triton_backend():
         ("ln_shape", "feat_ln_weight: expected shape [96]"),
     ],
 )
-def test_unsupported_cases(change, reason):
+def test_unsupported_cases(change, reason, kernel_device):
     hidden = 1032 if change == "hidden" else 96
-    inputs = make_inputs(1, 2, feat_dim=8, hidden=hidden, pos_dim=9 if change == "pos_dim" else 4)
+    inputs = make_inputs(
+        1, 2, feat_dim=8, hidden=hidden, device=kernel_device, pos_dim=9 if change == "pos_dim" else 4
+    )
     if change == "fp64":
         inputs = [t.double() for t in inputs]
     if change == "mixed":
@@ -282,17 +289,17 @@ def test_unsupported_cases(change, reason):
         ops.visual_embedding(*inputs, EPS, 0.0)
 
 
-def test_supports_rejects_autocast_and_empty_input():
-    inputs = make_inputs(1, 2, feat_dim=8, hidden=96)
+def test_supports_rejects_autocast_and_empty_input(kernel_device):
+    inputs = make_inputs(1, 2, feat_dim=8, hidden=96, device=kernel_device)
     assert ve.supports(*inputs, EPS, 0.1) is None
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+    with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
         assert "autocast" in ve.supports(*inputs, EPS, 0.1)
     empty = [inputs[0][:0], inputs[1][:0], *inputs[2:]]
     assert "no rows" in ve.supports(*empty, EPS, 0.1)
 
 
-def test_seed_and_offset_out_of_int32_range_are_errors():
-    inputs = make_inputs(1, 2, feat_dim=8, hidden=96)
+def test_seed_and_offset_out_of_int32_range_are_errors(kernel_device):
+    inputs = make_inputs(1, 2, feat_dim=8, hidden=96, device=kernel_device)
     with pytest.raises(ValueError, match="offset"):
         ve.visual_embedding(*inputs, EPS, 0.1, seed=1, offset=2**31 - 100)
     with pytest.raises(ValueError, match="seed"):

@@ -146,6 +146,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: ds.json's bf16/fp16 if enabled there, else bf16 on GPU and fp32 on CPU",
     )
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument(
+        "--capture",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the model's forward, losses and backward with torch.compile and, on CUDA, replay "
+        "them as CUDA graphs (default: on with CUDA, off on CPU); --no-capture: run eagerly",
+    )
+    o.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)
 
     r = p.add_argument_group("run")
     r.add_argument("--output_dir", default=os.path.join(REPO, "runs", "pretrain"))
@@ -275,6 +283,19 @@ def jsonable(counts: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: round(float(v[0] / v[1]), 5) for k, v in counts.items() if float(v[1]) > 0}
 
 
+def metrics_flops(model_config, inputs: dict, task_weights: dict[str, float]) -> int:
+    """FLOPs of one training micro-step (forward, weighted losses, backward) at ``inputs``' shapes."""
+    import lxmert_fast
+    from lxmert_fast import pretraining as pt
+    from lxmert_fast.metrics import training_flops
+
+    return training_flops(
+        lambda: lxmert_fast.LxmertForPreTraining(model_config),
+        inputs,
+        lambda out: pt.weighted_loss(out.losses, task_weights),
+    )
+
+
 def main() -> None:
     args = parse_args()
     single_process_env()
@@ -293,6 +314,7 @@ def main() -> None:
         build_examples,
         load_pretrain_json,
     )
+    from lxmert_fast.metrics import RunningMetrics, bf16_peak_flops
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.shm_comm:
@@ -380,6 +402,13 @@ def main() -> None:
     )
     visual_logits = pt.VisualLogits(engine.module)
     weights = {k: getattr(args, f"weight_{k}") for k in pt.TASK_LOSSES}
+    capture = cuda if args.capture is None else args.capture
+    if capture:
+        # CUDA graphs (mode reduce-overhead) remove the per-kernel launch cost that dominates the
+        # eager step (DESIGN.md §7); the gradient reduction and the optimizer step stay outside.
+        engine.compile(
+            backend=args.compile_backend, compile_kwargs={"mode": "reduce-overhead"} if cuda else {}
+        )
 
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")
@@ -406,9 +435,12 @@ def main() -> None:
             f"world {world} x micro {micro} x accum {accum}; {total_steps} steps "
             f"({per_epoch} per epoch); ZeRO {config.get('zero_optimization', {}).get('stage', 0)}; "
             f"{'bf16' if config['bf16']['enabled'] else 'fp16' if config['fp16']['enabled'] else 'fp32'}; "
-            f"{'resuming at step ' + str(step) if step else 'from scratch'}",
+            f"{'resuming at step ' + str(step) if step else 'from scratch'}; "
+            f"{'captured' if capture else 'eager'} step",
             flush=True,
         )
+    peak = bf16_peak_flops(engine.device)
+    flops_per_sample = None
 
     def to_device(batch: dict) -> dict:
         return {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
@@ -434,7 +466,7 @@ def main() -> None:
             inputs["visual_feats"] = inputs["visual_feats"].detach().requires_grad_(True)
             inputs["visual_pos"] = inputs["visual_pos"].detach().requires_grad_(True)
         out = engine(**inputs)
-        return out, pt.accuracy_counts(out, batch, selected, visual_logits.pop())
+        return out, pt.accuracy_counts(out, batch, selected, visual_logits.pop()), inputs
 
     def evaluate() -> dict:
         if not eval_sets:
@@ -449,7 +481,9 @@ def main() -> None:
                 for i, batch in enumerate(loader):
                     if args.eval_batches is not None and i >= args.eval_batches:
                         break
-                    out, counts = run_batch(batch, args.seed + 2, (i * world + rank) * micro * args.num_boxes)
+                    out, counts, _ = run_batch(
+                        batch, args.seed + 2, (i * world + rank) * micro * args.num_boxes
+                    )
                     for k, v in counts.items():
                         sums[k] = sums.get(k, 0) + v
                     for k, v in out.losses.items():
@@ -497,7 +531,7 @@ def main() -> None:
 
         bar = tqdm(total=total_steps, initial=step, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
     start, window_start, window_samples = time.time(), time.time(), 0
-    step_losses, step_counts = {}, {}
+    metrics = RunningMetrics()
     engine.train()
     while step < total_steps:
         epoch, skip = divmod(micro_step, len(sampler))
@@ -508,39 +542,52 @@ def main() -> None:
             # Dropout and object masking depend only on (seed, rank, micro-step): exact resume.
             torch.manual_seed((args.seed * 1_000_003 + micro_step) * 4099 + rank)
             qa_w = pt.qa_weight(args.qa_schedule, step, total_steps)
-            out, counts = run_batch(batch, args.seed, (micro_step * world + rank) * micro * args.num_boxes)
-            loss = pt.weighted_loss(out.losses, {**weights, "qa": weights["qa"] * qa_w})
+            task_weights = {**weights, "qa": weights["qa"] * qa_w}
+            out, counts, inputs = run_batch(
+                batch, args.seed, (micro_step * world + rank) * micro * args.num_boxes
+            )
+            loss = pt.weighted_loss(out.losses, task_weights)
             engine.backward(loss)
             engine.step()
+            if flops_per_sample is None:
+                # Counted once, on the meta device, with this step's shapes: the numerator of TFLOP/s.
+                flops_per_sample = metrics_flops(model_config, inputs, task_weights) / micro
             micro_step += 1
             window_samples += micro * world
-            for k, v in out.losses.items():
-                step_losses[k] = step_losses.get(k, 0.0) + float(v.detach()) / accum
-            step_losses["loss"] = step_losses.get("loss", 0.0) + float(loss.detach()) / accum
-            for k, v in counts.items():
-                step_counts[k] = step_counts.get(k, 0) + v
+            # Summed on the device: the host reads them once per logging window, not every step.
+            metrics.add_losses({**out.losses, "loss": loss}, weight=1.0 / accum)
+            metrics.add_counts(counts)
             if micro_step % accum:
                 continue
             step += 1
             if step % args.log_every == 0 or step == total_steps:
                 rate = window_samples / max(time.time() - window_start, 1e-9)
+                tflops = rate * flops_per_sample / 1e12
+                values = metrics.read()
                 record = {
                     "step": step,
                     "epoch": round(micro_step / len(sampler), 4),
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": round(rate, 2),
-                    **{k: round(v, 6) for k, v in step_losses.items()},
-                    **{f"{k}_acc": v for k, v in jsonable(step_counts).items()},
+                    "tflops": round(tflops, 3),
+                    **({"peak_pct": round(100 * tflops * 1e12 / (peak * world), 2)} if peak else {}),
+                    **values,
                 }
                 write(record)
                 window_start, window_samples = time.time(), 0
                 if bar is not None:
-                    bar.set_postfix(loss=f"{step_losses['loss']:.3f}", samples_s=f"{rate:.1f}")
-            step_losses, step_counts = {}, {}
+                    postfix = dict(
+                        loss=f"{values['loss']:.3f}", samples_s=f"{rate:.1f}", tflops=f"{tflops:.2f}"
+                    )
+                    if peak:
+                        postfix["peak"] = f"{record['peak_pct']:.1f}%"
+                    bar.set_postfix(**postfix)
             if bar is not None:
                 bar.update(1)
             if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
+                eval_start = time.time()
                 write({"step": step, "split": "valid", **evaluate()})
+                window_start += time.time() - eval_start  # samples/s counts training time only
             if args.save_every and (step % args.save_every == 0 or step == total_steps):
                 save(step)
                 if args.kill_after_step == step:

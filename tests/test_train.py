@@ -63,7 +63,7 @@ def test_smoke_one_process_exports_hf(data_dir, tmp_path):
     run_train(data_dir, tmp_path, "--zero_stage", "1")
     train, valid = read_log(tmp_path)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    for key in (*LOSS_KEYS, "lr", "samples_per_s", "mlm_acc", "matched_acc", "obj_acc", "attr_acc"):
+    for key in (*LOSS_KEYS, "lr", "samples_per_s", "tflops", "mlm_acc", "matched_acc", "obj_acc", "attr_acc"):
         assert key in train[-1], key
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
     assert {"matched_acc", "object_word_mlm_acc", "obj_acc", "qa_loss"} <= set(valid[-1])
@@ -102,6 +102,19 @@ def test_kill_after_checkpoint_and_resume_is_exact(data_dir, tmp_path):
     assert [r["step"] for r in got] == list(range(1, 7))
     for a, b in zip(want, got, strict=True):
         assert {k: a[k] for k in (*LOSS_KEYS, "lr")} == {k: b[k] for k in (*LOSS_KEYS, "lr")}, a["step"]
+
+
+def test_captured_step_trains_like_the_eager_step(data_dir, tmp_path):
+    # On CUDA --capture compiles with inductor and replays CUDA graphs; on the CPU aot_eager traces
+    # the same graphs and keeps eager's random streams, so the losses must agree step by step.
+    steps = ["--max_steps", "3", "--eval_every", "0", "--save_every", "0", "--no_export"]
+    run_train(data_dir, tmp_path / "eager", *steps)
+    run_train(data_dir, tmp_path / "captured", *steps, "--capture", "--compile_backend", "aot_eager")
+    want, got = read_log(tmp_path / "eager")[0], read_log(tmp_path / "captured")[0]
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(want, got, strict=True):
+        for key in LOSS_KEYS:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
 def test_two_processes(data_dir, tmp_path):

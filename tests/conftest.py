@@ -49,3 +49,11 @@ def kernel_device() -> torch.device:
 def pytest_report_header(config):
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (Triton interpreter)"
     return f"lxmert_fast: torch {torch.__version__}, GPU {device}"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that places tensors on ``kernel_device`` touches CUDA where it is present: mark it
+    ``cuda`` so benchmarks/gpu_check.sh (``pytest -m cuda``) runs it on the card."""
+    for item in items:
+        if "kernel_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)

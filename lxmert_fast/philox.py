@@ -54,3 +54,27 @@ def philox_bits(seed: int, offset: int, n: int, device: torch.device | str = "cp
     zeros = torch.zeros_like(index)
     counter = torch.stack((index & _MASK32, (index >> 32) & _MASK32, zeros, zeros), dim=-1)
     return philox4x32(counter, (seed & _MASK32, seed >> 32))
+
+
+# Seeds the kernels draw per call: below 2**31, so a seed loaded as int64 or passed as int32 keys
+# Philox the same way.
+SEED_BOUND = 2**31 - 1
+
+
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A fresh dropout seed, int64 ``[1]`` on ``device``, from torch's generator of that device.
+
+    Drawn on the device, never read back: no host sync, and inside a captured CUDA graph each
+    replay draws anew from the generator's device-side state (a seed read on the host would be
+    frozen into the graph). ``torch.manual_seed`` reproduces it, in eager and compiled runs alike.
+    """
+    return torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=device)
+
+
+def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``seed`` as the int64 ``[1]`` device tensor the kernels load (tests pass plain ints)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(1)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected a value in [0, 2**63), got {seed}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)

@@ -154,7 +154,7 @@ def _key_bias(
     return tl.where(offs_k < k_len, 0.0, float("-inf")) + vb.to(tl.float32) + lb.to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_offset"])
 def _cross_attention_fwd_kernel(
     qkv_ptr,  # [B, L+V, 3*hidden], last-dim stride 1
     stride_qkv_b,
@@ -312,7 +312,7 @@ def _bwd_query_rows(
     return q.to(DOT_DTYPE), do.to(DOT_DTYPE), delta, row_max, row_inv_sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_offset"])
 def _cross_attention_bwd_kernel(
     qkv_ptr,  # [B, L+V, 3*hidden], last-dim stride 1
     stride_qkv_b,
@@ -512,7 +512,7 @@ def _cross_attention_bwd_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "drop_offset"])
 def _dropout_keep_masks_kernel(
     lang_keep_ptr,  # [B, heads, L, V] uint8, contiguous
     vis_keep_ptr,  # [B, heads, V, L] uint8, contiguous
@@ -817,7 +817,12 @@ def dropout_keep_masks(
 
 
 def sm90_variants() -> list[KernelVariant]:
-    """Every specialisation the launchers can pick: dtype x head_dim x bias flags x dropout, fwd+bwd."""
+    """Every specialisation the launchers can pick: dtype x head_dim x dropout, fwd and bwd, plus
+    the test-only mask export, each with the arguments of LXMERT pre-training: qkv
+    [BATCH, WORDS + BOXES, 3 * HIDDEN] from one projection, a language bias [BATCH, WORDS], no
+    visual bias (other head_dims keep HIDDEN and change the head count)."""
+    from lxmert_fast.kernels.sm90 import DROPOUT_P
+
     variants = []
     for dtype in KERNEL_DTYPES:
         io = _SIGNATURE_DTYPES[dtype]
@@ -832,100 +837,96 @@ def sm90_variants() -> list[KernelVariant]:
                     "DOT_DTYPE": tl.float32 if dtype == torch.float32 else _TRITON_DTYPES[dtype],
                     "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                 }
-                for name, fn, signature in (
-                    ("fwd", _cross_attention_fwd_kernel, _fwd_signature(io)),
-                    ("bwd", _cross_attention_bwd_kernel, _bwd_signature(io)),
+                scalars = _scalar_args(head_dim, DROPOUT_P if dropout else 0.0)
+                for name, fn, args in (
+                    ("fwd", _cross_attention_fwd_kernel, _fwd_args(dtype)),
+                    ("bwd", _cross_attention_bwd_kernel, _bwd_args(dtype)),
                 ):
                     variants.append(
                         KernelVariant(
                             name=f"cross_attention_{name}_{io}_d{head_dim}_drop{int(dropout)}",
                             fn=fn,
-                            signature={**signature, **dict.fromkeys(constexprs, "constexpr")},
-                            constexprs=constexprs,
-                            num_warps=num_warps,
+                            args={**args, **scalars, **constexprs},
+                            options={"num_warps": num_warps},
                         )
                     )
+    mask_scalars = _scalar_args(64, DROPOUT_P)
     variants.append(
         KernelVariant(
             name="cross_attention_dropout_keep_masks",
             fn=_dropout_keep_masks_kernel,
-            signature={
-                "lang_keep_ptr": "*u8",
-                "vis_keep_ptr": "*u8",
-                "lang_len": "i32",
-                "vis_len": "i32",
-                "seed": "i32",
-                "drop_offset": "i32",
-                "drop_threshold": "i32",
-                "BLOCK_M": "constexpr",
-                "BLOCK_N": "constexpr",
+            args={
+                "lang_keep_ptr": torch.uint8,
+                "vis_keep_ptr": torch.uint8,
+                **{
+                    k: mask_scalars[k]
+                    for k in ("lang_len", "vis_len", "seed", "drop_offset", "drop_threshold")
+                },
+                "BLOCK_M": 64,
+                "BLOCK_N": 64,
             },
-            constexprs={"BLOCK_M": 64, "BLOCK_N": 64},
         )
     )
     return variants
 
 
-def _scalar_signature() -> dict[str, str]:
+def _scalar_args(head_dim: int, dropout_p: float) -> dict:
+    """The launchers' scalar arguments (``_common_args``) at LXMERT's lengths; a fresh seed each call."""
+    from lxmert_fast.kernels.sm90 import BOXES, HIDDEN, WORDS
+
+    dropout = dropout_p > 0.0
     return {
-        "lang_len": "i32",
-        "vis_len": "i32",
-        "num_heads": "i32",
-        "sm_scale": "fp32",
-        "seed": "i32",
-        "drop_offset": "i32",
-        "drop_threshold": "i32",
-        "drop_scale": "fp32",
+        "lang_len": WORDS,
+        "vis_len": BOXES,
+        "num_heads": HIDDEN // head_dim,
+        "sm_scale": head_dim**-0.5,
+        "seed": 1_234_567 if dropout else 0,
+        "drop_offset": 0,
+        "drop_threshold": probability_threshold(dropout_p) if dropout else 0,
+        "drop_scale": 1.0 / (1.0 - dropout_p) if dropout else 0.0,
     }
 
 
-def _fwd_signature(io: str) -> dict[str, str]:
+def _fwd_args(dtype: torch.dtype) -> dict:
+    """Forward tensors and strides: contiguous qkv and context, a contiguous [B, L] language bias
+    (token stride 1, which the launch turns into a constexpr), the absent visual bias as
+    ``_bias_args`` passes it (qkv's pointer, zero strides and length)."""
+    from lxmert_fast.kernels.sm90 import BOXES, HIDDEN, WORDS
+
+    total = WORDS + BOXES
     return {
-        "qkv_ptr": f"*{io}",
-        "stride_qkv_b": "i32",
-        "stride_qkv_t": "i32",
-        "lang_bias_ptr": f"*{io}",
-        "stride_lb_b": "i32",
-        "stride_lb_t": "i32",
-        "lang_bias_len": "i32",
-        "vis_bias_ptr": f"*{io}",
-        "stride_vb_b": "i32",
-        "stride_vb_t": "i32",
-        "vis_bias_len": "i32",
-        "out_ptr": f"*{io}",
-        "stride_out_b": "i32",
-        "stride_out_t": "i32",
-        "row_max_ptr": "*fp32",
-        "row_inv_sum_ptr": "*fp32",
-        **_scalar_signature(),
+        "qkv_ptr": dtype,
+        "stride_qkv_b": total * 3 * HIDDEN,
+        "stride_qkv_t": 3 * HIDDEN,
+        "lang_bias_ptr": dtype,
+        "stride_lb_b": WORDS,
+        "stride_lb_t": 1,
+        "lang_bias_len": WORDS,
+        "vis_bias_ptr": dtype,
+        "stride_vb_b": 0,
+        "stride_vb_t": 0,
+        "vis_bias_len": 0,
+        "out_ptr": dtype,
+        "stride_out_b": total * HIDDEN,
+        "stride_out_t": HIDDEN,
+        "row_max_ptr": torch.float32,
+        "row_inv_sum_ptr": torch.float32,
     }
 
 
-def _bwd_signature(io: str) -> dict[str, str]:
+def _bwd_args(dtype: torch.dtype) -> dict:
+    """Backward tensors and strides: the forward's, plus contiguous dO and d(qkv)."""
+    from lxmert_fast.kernels.sm90 import BOXES, HIDDEN, WORDS
+
+    total = WORDS + BOXES
     return {
-        "qkv_ptr": f"*{io}",
-        "stride_qkv_b": "i32",
-        "stride_qkv_t": "i32",
-        "lang_bias_ptr": f"*{io}",
-        "stride_lb_b": "i32",
-        "stride_lb_t": "i32",
-        "lang_bias_len": "i32",
-        "vis_bias_ptr": f"*{io}",
-        "stride_vb_b": "i32",
-        "stride_vb_t": "i32",
-        "vis_bias_len": "i32",
-        "out_ptr": f"*{io}",
-        "stride_out_b": "i32",
-        "stride_out_t": "i32",
-        "dout_ptr": f"*{io}",
-        "stride_dout_b": "i32",
-        "stride_dout_t": "i32",
-        "dqkv_ptr": f"*{io}",
-        "stride_dqkv_b": "i32",
-        "stride_dqkv_t": "i32",
-        "row_max_ptr": "*fp32",
-        "row_inv_sum_ptr": "*fp32",
-        **_scalar_signature(),
+        **_fwd_args(dtype),
+        "dout_ptr": dtype,
+        "stride_dout_b": total * HIDDEN,
+        "stride_dout_t": HIDDEN,
+        "dqkv_ptr": dtype,
+        "stride_dqkv_b": total * 3 * HIDDEN,
+        "stride_dqkv_t": 3 * HIDDEN,
     }
 
 

@@ -430,47 +430,89 @@ def supports(
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _signature(args: str, io: str, w: str) -> dict[str, str]:
-    """``"name:type ..."`` -> signature dict, with ``io``/``w`` standing for the input/weight dtypes."""
-    types = {"*io": f"*{io}", "*w": f"*{w}"}
-    return {name: types.get(kind, kind) for name, kind in (item.split(":") for item in args.split())}
-
-
-_FWD_ARGS = (
-    "out_ptr:*io x_ptr:*io mean_ptr:*fp32 rstd_ptr:*fp32 hidden_ptr:*io hidden_row_stride:i32 "
-    "residual_ptr:*io residual_row_stride:i32 weight_ptr:*w bias_ptr:*w n_cols:i32 n_words:i32 eps:fp32 "
-    "seed:i32 offset:i32 threshold:i32 scale:fp32 save:i32 BLOCK_Q:constexpr HAS_DROPOUT:constexpr"
-)
-_BWD_ARGS = (
-    "grad_hidden_ptr:*io grad_residual_ptr:*io dw_partial_ptr:*fp32 db_partial_ptr:*fp32 grad_out_ptr:*io "
-    "grad_out_row_stride:i32 x_ptr:*io mean_ptr:*fp32 rstd_ptr:*fp32 weight_ptr:*w n_rows:i32 n_cols:i32 "
-    "n_words:i32 rows_per_program:i32 seed:i32 offset:i32 threshold:i32 scale:fp32 "
-    "BLOCK_Q:constexpr HAS_DROPOUT:constexpr"
-)
-
-
 def sm90_variants() -> list[KernelVariant]:
-    """Every specialisation the launchers can pick: dtype x weight dtype x BLOCK_Q x dropout, fwd and bwd."""
+    """Every specialisation the launchers can pick: dtype x weight dtype x BLOCK_Q x dropout, fwd and
+    bwd, each with the arguments of LXMERT pre-training (contiguous rows; the widest row a tile
+    serves where LXMERT's 768 picks another tile)."""
     variants = []
     for dtype in KERNEL_DTYPES:
         io = _TRITON_DTYPES[dtype]
-        for w in dict.fromkeys((io, "fp32")):
+        for w_dtype in dict.fromkeys((dtype, torch.float32)):
+            w = _TRITON_DTYPES[w_dtype]
             for block_q, has_dropout in ((b, d) for b in BLOCK_QS for d in (False, True)):
-                constexprs = {"BLOCK_Q": block_q, "HAS_DROPOUT": has_dropout}
                 for direction, fn, args in (
-                    ("fwd", _residual_dropout_layer_norm_fwd, _FWD_ARGS),
-                    ("bwd", _residual_dropout_layer_norm_bwd, _BWD_ARGS),
+                    ("fwd", _residual_dropout_layer_norm_fwd, _fwd_args),
+                    ("bwd", _residual_dropout_layer_norm_bwd, _bwd_args),
                 ):
                     variants.append(
                         KernelVariant(
                             name=f"residual_ln_{direction}_{io}_w{w}_q{block_q}_drop{int(has_dropout)}",
                             fn=fn,
-                            signature=_signature(args, io, w),
-                            constexprs=constexprs,
-                            num_warps=_num_warps(block_q),
+                            args=args(dtype, w_dtype, block_q, has_dropout),
+                            options={"num_warps": _num_warps(block_q)},
                         )
                     )
     return variants
+
+
+def _row_args(block_q: int, has_dropout: bool) -> dict:
+    """Row width and dropout scalars as the launchers pass them; a fresh seed each call."""
+    from lxmert_fast.kernels.sm90 import DROPOUT_P, HIDDEN
+
+    n_cols = HIDDEN if _block_q(HIDDEN) == block_q else 4 * block_q
+    threshold, scale = _dropout_constants(DROPOUT_P if has_dropout else 0.0)
+    return {
+        "n_cols": n_cols,
+        "n_words": triton.cdiv(n_cols, 4),
+        "seed": 1_234_567 if has_dropout else 0,
+        "offset": 0,
+        "threshold": threshold,
+        "scale": scale,
+        "BLOCK_Q": block_q,
+        "HAS_DROPOUT": has_dropout,
+    }
+
+
+def _fwd_args(dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropout: bool) -> dict:
+    rows = _row_args(block_q, has_dropout)
+    return {
+        **rows,
+        "out_ptr": dtype,
+        "x_ptr": dtype,
+        "mean_ptr": torch.float32,
+        "rstd_ptr": torch.float32,
+        "hidden_ptr": dtype,
+        "hidden_row_stride": rows["n_cols"],
+        "residual_ptr": dtype,
+        "residual_row_stride": rows["n_cols"],
+        "weight_ptr": w_dtype,
+        "bias_ptr": w_dtype,
+        "eps": 1e-12,
+        "save": 1,
+    }
+
+
+def _bwd_args(dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropout: bool) -> dict:
+    """At the vision stream's B * 36 rows over ``_BWD_PROGRAMS_PER_SM`` programs per SM."""
+    from lxmert_fast.kernels.sm90 import BATCH, BOXES, H100_SMS
+
+    rows = _row_args(block_q, has_dropout)
+    n_rows = BATCH * BOXES
+    return {
+        **rows,
+        "grad_hidden_ptr": dtype,
+        "grad_residual_ptr": dtype,
+        "dw_partial_ptr": torch.float32,
+        "db_partial_ptr": torch.float32,
+        "grad_out_ptr": dtype,
+        "grad_out_row_stride": rows["n_cols"],
+        "x_ptr": dtype,
+        "mean_ptr": torch.float32,
+        "rstd_ptr": torch.float32,
+        "weight_ptr": w_dtype,
+        "n_rows": n_rows,
+        "rows_per_program": triton.cdiv(n_rows, min(n_rows, H100_SMS * _BWD_PROGRAMS_PER_SM)),
+    }
 
 
 register_fast_path(ops.RESIDUAL_LAYER_NORM, residual_dropout_layer_norm, supports)

@@ -87,7 +87,7 @@ def _dropout_keep(seed, index, p):
     return tl.rand(seed, index.to(tl.int32)) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _visual_embedding_fwd_kernel(
     out_ptr,  # [M, hidden] output, input dtype
     out_row_stride,
@@ -170,7 +170,7 @@ def _visual_embedding_fwd_kernel(
         tl.store(stats_ptr + 3 * n_rows + rows, rstd_b, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _visual_embedding_bwd_kernel(
     dproj_ptr,  # [M, hidden] out: grad of features·W_vᵀ + b_v, input dtype
     dproj_row_stride,
@@ -295,7 +295,7 @@ def _visual_embedding_bwd_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset"])
 def _dropout_keep_mask_kernel(
     keep_ptr,  # [n] int8 out
     n,
@@ -676,98 +676,117 @@ def visual_embedding(
 
 
 def sm90_variants() -> list[KernelVariant]:
-    """Every specialisation the launchers can pick: dtype x BLOCK_P x dropout x fwd/bwd, plus the mask kernel."""
+    """Every specialisation the launchers can pick: dtype x BLOCK_P x dropout x fwd/bwd, plus the mask
+    kernel, each with the arguments of LXMERT pre-training (B * 36 contiguous rows of 768; the
+    widest boxes a BLOCK_P serves)."""
+    from lxmert_fast.kernels.sm90 import BATCH, BOXES, DROPOUT_P, HIDDEN
+
     variants = [
         KernelVariant(
             "visual_embedding_keep_mask",
             _dropout_keep_mask_kernel,
             {
-                "keep_ptr": "*i8",
-                "n": "i32",
-                "seed": "i32",
-                "offset": "i32",
-                "dropout_p": "fp32",
-                "BLOCK": "constexpr",
+                "keep_ptr": torch.int8,
+                "n": BATCH * BOXES * HIDDEN,
+                "seed": 1_234_567,
+                "offset": 0,
+                "dropout_p": DROPOUT_P,
+                "BLOCK": MASK_BLOCK,
             },
-            {"BLOCK": MASK_BLOCK},
         )
     ]
-    for dtype in DTYPES.values():
-        ptr = f"*{dtype}"
-        fwd_sig = {
-            "out_ptr": ptr,
-            "out_row_stride": "i32",
-            "proj_ptr": ptr,
-            "proj_row_stride": "i32",
-            "boxes_ptr": ptr,
-            "boxes_row_stride": "i32",
-            "box_weight_ptr": ptr,
-            "box_bias_ptr": ptr,
-            "feat_ln_weight_ptr": ptr,
-            "feat_ln_bias_ptr": ptr,
-            "box_ln_weight_ptr": ptr,
-            "box_ln_bias_ptr": ptr,
-            "stats_ptr": "*fp32",
-            "n_rows": "i32",
-            "hidden": "i32",
-            "pos_dim": "i32",
-            "rows_per_program": "i32",
-            "eps": "fp32",
-            "dropout_p": "fp32",
-            "dropout_scale": "fp32",
-            "seed": "i32",
-            "offset": "i32",
-        }
-        bwd_sig = {
-            "dproj_ptr": ptr,
-            "dproj_row_stride": "i32",
-            "dboxes_ptr": ptr,
-            "dboxes_row_stride": "i32",
-            "ln_partials_ptr": "*fp32",
-            "box_weight_partials_ptr": "*fp32",
-            "dout_ptr": ptr,
-            "dout_row_stride": "i32",
-            "proj_ptr": ptr,
-            "proj_row_stride": "i32",
-            "boxes_ptr": ptr,
-            "boxes_row_stride": "i32",
-            "box_weight_ptr": ptr,
-            "box_bias_ptr": ptr,
-            "feat_ln_weight_ptr": ptr,
-            "box_ln_weight_ptr": ptr,
-            "stats_ptr": "*fp32",
-            "n_rows": "i32",
-            "hidden": "i32",
-            "pos_dim": "i32",
-            "rows_per_program": "i32",
-            "dropout_p": "fp32",
-            "dropout_scale": "fp32",
-            "seed": "i32",
-            "offset": "i32",
-        }
+    for dtype, name in DTYPES.items():
         for block_p in BLOCK_PS:
             for has_dropout in (False, True):
-                constexprs = {
-                    "BLOCK_M": BLOCK_M,
-                    "BLOCK_H": BLOCK_H,
-                    "BLOCK_P": block_p,
-                    "HAS_DROPOUT": has_dropout,
-                }
-                suffix = f"{dtype}_p{block_p}_{'dropout' if has_dropout else 'eval'}"
-                for name, fn, sig in (
-                    ("fwd", _visual_embedding_fwd_kernel, fwd_sig),
-                    ("bwd", _visual_embedding_bwd_kernel, bwd_sig),
+                suffix = f"{name}_p{block_p}_{'dropout' if has_dropout else 'eval'}"
+                for direction, fn, args in (
+                    ("fwd", _visual_embedding_fwd_kernel, _fwd_args),
+                    ("bwd", _visual_embedding_bwd_kernel, _bwd_args),
                 ):
                     variants.append(
                         KernelVariant(
-                            f"visual_embedding_{name}_{suffix}",
+                            f"visual_embedding_{direction}_{suffix}",
                             fn,
-                            {**sig, **dict.fromkeys(constexprs, "constexpr")},
-                            constexprs,
-                            num_warps=NUM_WARPS,
+                            args(dtype, block_p, has_dropout),
+                            {"num_warps": NUM_WARPS},
                         )
                     )
     return variants
+
+
+def _row_args(block_p: int, has_dropout: bool, per_sm: int) -> dict:
+    """Shape, dropout and constexpr arguments as the launchers pass them; a fresh seed each call.
+
+    ``rows_per_program`` is ``_programs`` on a 132-SM card.
+    """
+    from lxmert_fast.kernels.sm90 import BATCH, BOXES, DROPOUT_P, H100_SMS, HIDDEN
+
+    n_rows = BATCH * BOXES
+    tiles = triton.cdiv(n_rows, BLOCK_M)
+    dropout_p = DROPOUT_P if has_dropout else 0.0
+    return {
+        "n_rows": n_rows,
+        "hidden": HIDDEN,
+        "pos_dim": block_p,
+        "rows_per_program": triton.cdiv(tiles, min(tiles, H100_SMS * per_sm)) * BLOCK_M,
+        "dropout_p": dropout_p,
+        "dropout_scale": _dropout_scale(dropout_p),
+        "seed": 1_234_567 if has_dropout else 0,
+        "offset": 0,
+        "BLOCK_M": BLOCK_M,
+        "BLOCK_H": BLOCK_H,
+        "BLOCK_P": block_p,
+        "HAS_DROPOUT": has_dropout,
+    }
+
+
+def _fwd_args(dtype: torch.dtype, block_p: int, has_dropout: bool) -> dict:
+    from lxmert_fast.kernels.sm90 import HIDDEN
+
+    rows = _row_args(block_p, has_dropout, per_sm=8)
+    return {
+        **rows,
+        "out_ptr": dtype,
+        "out_row_stride": HIDDEN,
+        "proj_ptr": dtype,
+        "proj_row_stride": HIDDEN,
+        "boxes_ptr": dtype,
+        "boxes_row_stride": rows["pos_dim"],
+        "box_weight_ptr": dtype,
+        "box_bias_ptr": dtype,
+        "feat_ln_weight_ptr": dtype,
+        "feat_ln_bias_ptr": dtype,
+        "box_ln_weight_ptr": dtype,
+        "box_ln_bias_ptr": dtype,
+        "stats_ptr": torch.float32,
+        "eps": 1e-12,
+    }
+
+
+def _bwd_args(dtype: torch.dtype, block_p: int, has_dropout: bool) -> dict:
+    from lxmert_fast.kernels.sm90 import HIDDEN
+
+    rows = _row_args(block_p, has_dropout, per_sm=1)
+    return {
+        **rows,
+        "dproj_ptr": dtype,
+        "dproj_row_stride": HIDDEN,
+        "dboxes_ptr": dtype,
+        "dboxes_row_stride": rows["pos_dim"],
+        "ln_partials_ptr": torch.float32,
+        "box_weight_partials_ptr": torch.float32,
+        "dout_ptr": dtype,
+        "dout_row_stride": HIDDEN,
+        "proj_ptr": dtype,
+        "proj_row_stride": HIDDEN,
+        "boxes_ptr": dtype,
+        "boxes_row_stride": rows["pos_dim"],
+        "box_weight_ptr": dtype,
+        "box_bias_ptr": dtype,
+        "feat_ln_weight_ptr": dtype,
+        "box_ln_weight_ptr": dtype,
+        "stats_ptr": torch.float32,
+    }
 
 
 register_fast_path(ops.VISUAL_EMBEDDING, visual_embedding, supports)

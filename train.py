@@ -573,6 +573,11 @@ def main() -> None:
                     **({"peak_pct": round(100 * tflops * 1e12 / (peak * world), 2)} if peak else {}),
                     **values,
                 }
+                fallbacks = lxmert_fast.backend.fallback_counts()
+                if fallbacks:
+                    # Ops that ran the PyTorch reference on the GPU (calls, or traces when captured).
+                    record["fallbacks"] = fallbacks
+                    lxmert_fast.backend.reset_fallback_counts()
                 write(record)
                 window_start, window_samples = time.time(), 0
                 if bar is not None:

@@ -4,7 +4,8 @@ Three backends:
 
 * ``auto`` (default): the fast path for CUDA tensors when one is registered for the op and
   supports the case; otherwise the reference. A CUDA call that has to fall back warns once
-  per (op, reason), so a silent slowdown on a GPU is visible but not noisy.
+  per (op, reason) and is counted (:func:`fallback_counts`, logged by train.py), so a
+  slowdown on a GPU is never silent.
 * ``reference``: always the reference.
 * ``triton``: always the fast path, also for CPU tensors (run the Triton kernels under
   ``TRITON_INTERPRET=1``). A case the fast path cannot serve raises
@@ -89,7 +90,8 @@ class FastPath:
 
 
 _fast_paths: dict[str, FastPath] = {}
-_warned: set[tuple[str, str]] = set()
+_warned: set[str] = set()
+_fallbacks: dict[str, int] = {}
 
 
 def register_fast_path(
@@ -125,9 +127,29 @@ def choose(op: str, device: torch.device, *args, optional: bool = False, **kwarg
             f"{op}: the triton backend cannot serve this call: {reason}. "
             f"Use backend 'auto' to fall back to the reference."
         )
-    if (op, reason) not in _warned:
-        _warned.add((op, reason))
-        warnings.warn(
-            f"{op}: using the PyTorch reference on {device.type}: {reason}", RuntimeWarning, stacklevel=3
-        )
+    _record_fallback(op, device.type, reason)
     return None
+
+
+# Called with constants only, so torch.compile runs it while tracing instead of breaking the graph
+# on the warning: a compiled step counts each fallback once per trace, an eager one once per call.
+@torch.compiler.assume_constant_result
+def _record_fallback(op: str, device_type: str, reason: str) -> bool:
+    key = f"{op}: {reason}"
+    _fallbacks[key] = _fallbacks.get(key, 0) + 1
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"{op}: using the PyTorch reference on {device_type}: {reason}", RuntimeWarning, stacklevel=4
+        )
+    return True
+
+
+def fallback_counts() -> dict[str, int]:
+    """How often ``auto`` fell back to the reference on an accelerator, per ``"op: reason"``, since
+    the last :func:`reset_fallback_counts` (train.py logs them). Compiled code counts per trace."""
+    return dict(_fallbacks)
+
+
+def reset_fallback_counts() -> None:
+    _fallbacks.clear()

@@ -54,6 +54,7 @@ def fake_op(monkeypatch):
 
     monkeypatch.setitem(backend._fast_paths, "fake", backend.FastPath(impl, supports))
     monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(backend, "_fallbacks", {})
     return calls
 
 
@@ -69,6 +70,19 @@ def test_auto_on_cuda_falls_back_with_one_warning(fake_op):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backend.choose("fake", cuda, torch.zeros(5)) is None
+    assert backend.fallback_counts() == {"fake: odd sizes are not supported": 2}
+    backend.reset_fallback_counts()
+    assert backend.fallback_counts() == {}
+
+
+def test_a_traced_fallback_is_counted_without_a_graph_break(fake_op):
+    def pick(x):
+        return x * 2 if backend.choose("fake", torch.device("cuda"), x) is None else x
+
+    compiled = torch.compile(pick, backend="eager", fullgraph=True)
+    with pytest.warns(RuntimeWarning, match="odd sizes"):
+        assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    assert backend.fallback_counts() == {"fake: odd sizes are not supported": 1}
 
 
 def test_triton_forces_the_fast_path_or_raises(fake_op):

@@ -68,7 +68,7 @@ import triton.language as tl
 from lxmert_fast import ops
 from lxmert_fast.backend import register_fast_path
 from lxmert_fast.kernels.sm90 import KernelVariant
-from lxmert_fast.philox import philox_bits
+from lxmert_fast.philox import draw_seed, philox_bits, seed_tensor
 from lxmert_fast.reference import probability_threshold
 
 Tensor = torch.Tensor
@@ -96,22 +96,22 @@ def _keep_mask(seed, offset, row, n_words, q, j, threshold):
     return (word >> 8).to(tl.int32) >= threshold
 
 
-@triton.jit(do_not_specialize=["seed", "offset", "save"])
+@triton.jit(do_not_specialize=["offset", "save"])
 def _residual_dropout_layer_norm_fwd(
-    out_ptr,  # [R, N] contiguous, input dtype
-    x_ptr,  # [R, N] contiguous, input dtype: dropout(hidden) + residual (written if save)
+    out_ptr,  # [R, N] contiguous, x dtype
+    x_ptr,  # [R, N] contiguous, x dtype: dropout(hidden) + residual (written if save)
     mean_ptr,  # [R] fp32 (written if save)
     rstd_ptr,  # [R] fp32 (written if save)
     hidden_ptr,  # [R, N], unit stride along N
     hidden_row_stride,
-    residual_ptr,  # [R, N], unit stride along N, dtype of hidden
+    residual_ptr,  # [R, N], unit stride along N, fp32/fp16/bf16
     residual_row_stride,
     weight_ptr,  # [N]
     bias_ptr,  # [N]
     n_cols,
     n_words,  # ceil(N / 4): Philox counters per row
     eps,
-    seed,
+    seed_ptr,  # [1] int64 on the device: the Philox key (read only with dropout)
     offset,
     threshold,  # drop when the 24-bit draw is below this
     scale,  # 1 / (1 - p), 0 when p == 1
@@ -128,9 +128,9 @@ def _residual_dropout_layer_norm_fwd(
     h = tl.load(hidden_ptr + row * hidden_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _keep_mask(seed, offset, row, n_words, q, j, threshold)
+        keep = _keep_mask(tl.load(seed_ptr), offset, row, n_words, q, j, threshold)
         h = tl.where(keep, h * scale, 0.0)
-    x_io = (h + r).to(out_ptr.dtype.element_ty)
+    x_io = (h + r).to(x_ptr.dtype.element_ty)
     x = x_io.to(tl.float32)
 
     mean = tl.sum(x) / n_cols
@@ -146,15 +146,15 @@ def _residual_dropout_layer_norm_fwd(
         tl.store(rstd_ptr + row, rstd)
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=["offset"])
 def _residual_dropout_layer_norm_bwd(
-    grad_hidden_ptr,  # [R, N] contiguous, input dtype
-    grad_residual_ptr,  # [R, N] contiguous, input dtype
+    grad_hidden_ptr,  # [R, N] contiguous, hidden's dtype
+    grad_residual_ptr,  # [R, N] contiguous, residual's dtype
     dw_partial_ptr,  # [P, N] fp32, one row per program
     db_partial_ptr,  # [P, N] fp32
     grad_out_ptr,  # [R, N], unit stride along N
     grad_out_row_stride,
-    x_ptr,  # [R, N] contiguous, input dtype (saved by the forward)
+    x_ptr,  # [R, N] contiguous, x dtype (saved by the forward)
     mean_ptr,  # [R] fp32
     rstd_ptr,  # [R] fp32
     weight_ptr,  # [N]
@@ -162,7 +162,7 @@ def _residual_dropout_layer_norm_bwd(
     n_cols,
     n_words,
     rows_per_program,
-    seed,
+    seed_ptr,  # [1] int64: the forward's key
     offset,
     threshold,
     scale,
@@ -196,7 +196,7 @@ def _residual_dropout_layer_norm_bwd(
             grad_residual_ptr + row * n_cols + cols, dx.to(grad_residual_ptr.dtype.element_ty), mask=mask
         )
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, offset, row, n_words, q, j, threshold)
+            keep = _keep_mask(tl.load(seed_ptr), offset, row, n_words, q, j, threshold)
             dx = tl.where(keep, dx * scale, 0.0)
         tl.store(grad_hidden_ptr + row * n_cols + cols, dx.to(grad_hidden_ptr.dtype.element_ty), mask=mask)
 
@@ -253,17 +253,21 @@ def residual_dropout_layer_norm_forward(
     bias: Tensor,
     eps: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     offset: int,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the forward kernel: (out, x [R, N], mean [R], rstd [R]); the last three empty unless ``save``."""
+    """Launch the forward kernel: (out, x [R, N], mean [R], rstd [R]); the last three empty unless ``save``.
+
+    ``out`` and ``x`` take the promoted dtype of ``hidden`` and ``residual`` (eager PyTorch's add).
+    """
     n_cols = hidden.shape[-1]
     h2, r2 = _as_rows(hidden), _as_rows(residual)
     n_rows = h2.shape[0]
     device = hidden.device
-    out = torch.empty(hidden.shape, dtype=hidden.dtype, device=device)
-    x = torch.empty((n_rows, n_cols) if save else (0, n_cols), dtype=hidden.dtype, device=device)
+    x_dtype = torch.promote_types(hidden.dtype, residual.dtype)
+    out = torch.empty(hidden.shape, dtype=x_dtype, device=device)
+    x = torch.empty((n_rows, n_cols) if save else (0, n_cols), dtype=x_dtype, device=device)
     mean = torch.empty((x.shape[0],), dtype=torch.float32, device=device)
     rstd = torch.empty_like(mean)
     threshold, scale = _dropout_constants(dropout_p)
@@ -301,17 +305,19 @@ def residual_dropout_layer_norm_backward(
     mean: Tensor,
     rstd: Tensor,
     weight: Tensor,
-    bias_dtype: torch.dtype,
+    bias: Tensor,
+    hidden_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     offset: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward kernel: (grad_hidden, grad_residual, grad_weight, grad_bias)."""
     n_rows, n_cols = x.shape
     device = x.device
     dy = _as_rows(grad_out)
-    grad_hidden = torch.empty(grad_out.shape, dtype=x.dtype, device=device)
-    grad_residual = torch.empty(grad_out.shape, dtype=x.dtype, device=device)
+    grad_hidden = torch.empty(grad_out.shape, dtype=hidden_dtype, device=device)
+    grad_residual = torch.empty(grad_out.shape, dtype=residual_dtype, device=device)
     programs = _bwd_programs(n_rows, device)
     # Every program writes its partial row, so only an empty launch needs zeros.
     alloc = torch.empty if n_rows > 0 else torch.zeros
@@ -344,40 +350,85 @@ def residual_dropout_layer_norm_backward(
             num_warps=_num_warps(block_q),
         )
     grad_weight = dw_partial.sum(0).to(weight.dtype)
-    grad_bias = db_partial.sum(0).to(bias_dtype)
+    grad_bias = db_partial.sum(0).to(bias.dtype)
     return grad_hidden, grad_residual, grad_weight, grad_bias
 
 
-class ResidualDropoutLayerNormFunction(torch.autograd.Function):
-    """``LayerNorm(dropout(hidden) + residual)`` with explicit Philox (seed, offset)."""
+# Registration: two custom ops, so torch.compile sees each launch as one node (its fake gives
+# the shapes) and autograd connects them; the Python entry point below only draws the seed.
+@torch.library.custom_op("lxmert_fast::residual_dropout_layer_norm_fwd", mutates_args=())
+def _fwd_op(
+    hidden: Tensor,
+    residual: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    dropout_p: float,
+    seed: Tensor,
+    offset: int,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return residual_dropout_layer_norm_forward(
+        hidden, residual, weight, bias, eps, dropout_p, seed, offset, save
+    )
 
-    @staticmethod
-    def forward(
-        ctx,
-        hidden: Tensor,
-        residual: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        eps: float,
-        dropout_p: float,
-        seed: int,
-        offset: int,
-    ) -> Tensor:
-        out, x, mean, rstd = residual_dropout_layer_norm_forward(
-            hidden, residual, weight, bias, eps, dropout_p, seed, offset, save=True
-        )
-        ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.dropout = (dropout_p, seed, offset)
-        ctx.bias_dtype = bias.dtype
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, mean, rstd, weight = ctx.saved_tensors
-        grads = residual_dropout_layer_norm_backward(
-            grad_out, x, mean, rstd, weight, ctx.bias_dtype, *ctx.dropout
-        )
-        return (*grads, None, None, None, None)
+@_fwd_op.register_fake
+def _fwd_fake(hidden, residual, weight, bias, eps, dropout_p, seed, offset, save):
+    n_cols = hidden.shape[-1]
+    x_dtype = torch.promote_types(hidden.dtype, residual.dtype)
+    rows = hidden.numel() // n_cols if save else 0
+    out = hidden.new_empty(hidden.shape, dtype=x_dtype)
+    x = hidden.new_empty((rows, n_cols), dtype=x_dtype)
+    mean = hidden.new_empty((rows,), dtype=torch.float32)
+    return out, x, mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("lxmert_fast::residual_dropout_layer_norm_bwd", mutates_args=())
+def _bwd_op(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    hidden_dtype: torch.dtype,
+    residual_dtype: torch.dtype,
+    dropout_p: float,
+    seed: Tensor,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return residual_dropout_layer_norm_backward(
+        grad_out, x, mean, rstd, weight, bias, hidden_dtype, residual_dtype, dropout_p, seed, offset
+    )
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, x, mean, rstd, weight, bias, hidden_dtype, residual_dtype, dropout_p, seed, offset):
+    return (
+        grad_out.new_empty(grad_out.shape, dtype=hidden_dtype),
+        grad_out.new_empty(grad_out.shape, dtype=residual_dtype),
+        torch.empty_like(weight),
+        torch.empty_like(bias),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, residual, weight, bias, _eps, dropout_p, seed, offset, _save = inputs
+    _out, x, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight, bias, seed)
+    ctx.dtypes = (hidden.dtype, residual.dtype)
+    ctx.dropout = (dropout_p, offset)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_x, _grad_mean, _grad_rstd):
+    x, mean, rstd, weight, bias, seed = ctx.saved_tensors
+    dropout_p, offset = ctx.dropout
+    grads = _bwd_op(grad_out, x, mean, rstd, weight, bias, *ctx.dtypes, dropout_p, seed, offset)
+    return (*grads, None, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def residual_dropout_layer_norm(
@@ -388,21 +439,25 @@ def residual_dropout_layer_norm(
     eps: float,
     dropout_p: float = 0.0,
     *,
-    seed: int | None = None,
+    seed: int | Tensor | None = None,
     offset: int = 0,
 ) -> Tensor:
     """Fused ``LayerNorm(dropout(hidden) + residual)``; the dispatcher's fast path.
 
-    ``dropout_p > 0`` means training: unless ``seed`` is given, a fresh one comes from torch's
-    default CPU generator. Without autograd (no grad mode, or no input requiring a gradient)
-    nothing is saved for a backward.
+    ``dropout_p > 0`` means training: unless ``seed`` is given, a fresh one is drawn on the
+    device (:func:`lxmert_fast.philox.draw_seed`). Without autograd (no grad mode, or no input
+    requiring a gradient) nothing is saved for a backward.
     """
     if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0.0 else 0
-    args = (hidden, residual, weight, bias, eps, dropout_p, seed, offset)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, residual, weight, bias)):
-        return ResidualDropoutLayerNormFunction.apply(*args)
-    return residual_dropout_layer_norm_forward(*args, save=False)[0]
+        seed = (
+            draw_seed(hidden.device)
+            if dropout_p > 0.0
+            else torch.zeros(1, dtype=torch.int64, device=hidden.device)
+        )
+    else:
+        seed = seed_tensor(seed, hidden.device)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, residual, weight, bias))
+    return _fwd_op(hidden, residual, weight, bias, eps, dropout_p, seed, offset, save)[0]
 
 
 def supports(
@@ -411,10 +466,11 @@ def supports(
     """``None`` when the fused kernels can serve this call, else the reason they cannot."""
     if hidden.dtype not in KERNEL_DTYPES:
         return f"hidden: dtype {hidden.dtype} is not one of fp32, fp16, bf16"
-    if residual.dtype != hidden.dtype:
-        return f"residual: dtype {residual.dtype} differs from hidden's {hidden.dtype}"
-    if weight.dtype not in (hidden.dtype, torch.float32):
-        return f"weight: dtype {weight.dtype} is neither hidden's {hidden.dtype} nor fp32"
+    if residual.dtype not in KERNEL_DTYPES:
+        return f"residual: dtype {residual.dtype} is not one of fp32, fp16, bf16"
+    x_dtype = torch.promote_types(hidden.dtype, residual.dtype)
+    if weight.dtype not in (x_dtype, torch.float32):
+        return f"weight: dtype {weight.dtype} is neither the sum's {x_dtype} nor fp32"
     if bias.dtype != weight.dtype:
         return f"bias: dtype {bias.dtype} differs from weight's {weight.dtype}"
     n_cols = hidden.shape[-1]
@@ -434,24 +490,25 @@ def sm90_variants() -> list[KernelVariant]:
     """Every specialisation the launchers can pick: dtype x weight dtype x BLOCK_Q x dropout, fwd and
     bwd, each with the arguments of LXMERT pre-training (contiguous rows; the widest row a tile
     serves where LXMERT's 768 picks another tile)."""
+    # (hidden, residual, weight) dtypes: uniform, fp32 weights, and autocast's fp32 residual stream.
+    combos = [(d, d, w) for d in KERNEL_DTYPES for w in dict.fromkeys((d, torch.float32))]
+    combos += [(d, torch.float32, torch.float32) for d in (torch.float16, torch.bfloat16)]
     variants = []
-    for dtype in KERNEL_DTYPES:
-        io = _TRITON_DTYPES[dtype]
-        for w_dtype in dict.fromkeys((dtype, torch.float32)):
-            w = _TRITON_DTYPES[w_dtype]
-            for block_q, has_dropout in ((b, d) for b in BLOCK_QS for d in (False, True)):
-                for direction, fn, args in (
-                    ("fwd", _residual_dropout_layer_norm_fwd, _fwd_args),
-                    ("bwd", _residual_dropout_layer_norm_bwd, _bwd_args),
-                ):
-                    variants.append(
-                        KernelVariant(
-                            name=f"residual_ln_{direction}_{io}_w{w}_q{block_q}_drop{int(has_dropout)}",
-                            fn=fn,
-                            args=args(dtype, w_dtype, block_q, has_dropout),
-                            options={"num_warps": _num_warps(block_q)},
-                        )
+    for dtype, res_dtype, w_dtype in combos:
+        name = f"{_TRITON_DTYPES[dtype]}_r{_TRITON_DTYPES[res_dtype]}_w{_TRITON_DTYPES[w_dtype]}"
+        for block_q, has_dropout in ((b, d) for b in BLOCK_QS for d in (False, True)):
+            for direction, fn, args in (
+                ("fwd", _residual_dropout_layer_norm_fwd, _fwd_args),
+                ("bwd", _residual_dropout_layer_norm_bwd, _bwd_args),
+            ):
+                variants.append(
+                    KernelVariant(
+                        name=f"residual_ln_{direction}_{name}_q{block_q}_drop{int(has_dropout)}",
+                        fn=fn,
+                        args=args(dtype, res_dtype, w_dtype, block_q, has_dropout),
+                        options={"num_warps": _num_warps(block_q)},
                     )
+                )
     return variants
 
 
@@ -464,7 +521,7 @@ def _row_args(block_q: int, has_dropout: bool) -> dict:
     return {
         "n_cols": n_cols,
         "n_words": triton.cdiv(n_cols, 4),
-        "seed": 1_234_567 if has_dropout else 0,
+        "seed_ptr": torch.int64,
         "offset": 0,
         "threshold": threshold,
         "scale": scale,
@@ -473,17 +530,20 @@ def _row_args(block_q: int, has_dropout: bool) -> dict:
     }
 
 
-def _fwd_args(dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropout: bool) -> dict:
+def _fwd_args(
+    dtype: torch.dtype, res_dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropout: bool
+) -> dict:
     rows = _row_args(block_q, has_dropout)
+    x_dtype = torch.promote_types(dtype, res_dtype)
     return {
         **rows,
-        "out_ptr": dtype,
-        "x_ptr": dtype,
+        "out_ptr": x_dtype,
+        "x_ptr": x_dtype,
         "mean_ptr": torch.float32,
         "rstd_ptr": torch.float32,
         "hidden_ptr": dtype,
         "hidden_row_stride": rows["n_cols"],
-        "residual_ptr": dtype,
+        "residual_ptr": res_dtype,
         "residual_row_stride": rows["n_cols"],
         "weight_ptr": w_dtype,
         "bias_ptr": w_dtype,
@@ -492,7 +552,9 @@ def _fwd_args(dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropou
     }
 
 
-def _bwd_args(dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropout: bool) -> dict:
+def _bwd_args(
+    dtype: torch.dtype, res_dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropout: bool
+) -> dict:
     """At the vision stream's B * 36 rows over ``_BWD_PROGRAMS_PER_SM`` programs per SM."""
     from lxmert_fast.kernels.sm90 import BATCH, BOXES, H100_SMS
 
@@ -501,12 +563,12 @@ def _bwd_args(dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropou
     return {
         **rows,
         "grad_hidden_ptr": dtype,
-        "grad_residual_ptr": dtype,
+        "grad_residual_ptr": res_dtype,
         "dw_partial_ptr": torch.float32,
         "db_partial_ptr": torch.float32,
-        "grad_out_ptr": dtype,
+        "grad_out_ptr": torch.promote_types(dtype, res_dtype),
         "grad_out_row_stride": rows["n_cols"],
-        "x_ptr": dtype,
+        "x_ptr": torch.promote_types(dtype, res_dtype),
         "mean_ptr": torch.float32,
         "rstd_ptr": torch.float32,
         "weight_ptr": w_dtype,

@@ -17,6 +17,7 @@ import torch
 import lxmert_fast
 from lxmert_fast import ops, reference
 from lxmert_fast.kernels import residual_layer_norm as rln
+from lxmert_fast.philox import draw_seed
 
 EPS = 1e-12
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -195,9 +196,9 @@ def test_no_grad_forward_saves_nothing_and_equals_training_forward(monkeypatch, 
     saves = []
     launcher = rln.residual_dropout_layer_norm_forward
 
-    def spy(*a, save, **k):
-        saves.append(save)
-        return launcher(*a, save=save, **k)
+    def spy(*a):
+        saves.append(a[-1])  # the launcher's last argument: save
+        return launcher(*a)
 
     monkeypatch.setattr(rln, "residual_dropout_layer_norm_forward", spy)
     with torch.no_grad():
@@ -252,7 +253,7 @@ def test_dispatcher_uses_kernel_under_triton_backend(kernel_device):
     torch.testing.assert_close(out, reference.residual_dropout_layer_norm(*args), atol=1e-5, rtol=1e-5)
     assert torch.equal(dropped, dropped_again), "torch.manual_seed must reproduce the dropout draw"
     torch.manual_seed(123)
-    seed = int(torch.randint(0, 2**31 - 1, ()))
+    seed = int(draw_seed(kernel_device))  # the entry point draws its seed on the device
     keep = rln.dropout_keep_mask(seed, 0, (3, 4, 100), 0.25, kernel_device)
     expected = reference.residual_dropout_layer_norm(*args, 0.25, keep)
     torch.testing.assert_close(dropped, expected, atol=1e-5, rtol=1e-5)
@@ -263,7 +264,7 @@ def test_dispatcher_uses_kernel_under_triton_backend(kernel_device):
     [
         ({"dtype": torch.float64}, "fp32, fp16, bf16"),
         ({"hidden_size": 4097}, "last dimension 4097"),
-        ({"residual_dtype": torch.float16}, "residual: dtype"),
+        ({"residual_dtype": torch.float64}, "residual: dtype"),
         ({"weight_dtype": torch.float16}, "weight: dtype"),
         ({"bias_dtype": torch.float32}, "bias: dtype"),
     ],
@@ -287,3 +288,60 @@ def test_bad_shape_names_the_argument(kernel_device):
     weight, bias = torch.ones(16, device=kernel_device), torch.zeros(16, device=kernel_device)
     with lxmert_fast.use_backend("triton"), pytest.raises(ValueError, match="residual"):
         ops.residual_dropout_layer_norm(hidden, residual, weight, bias, EPS)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_fp32_residual_with_half_hidden_as_under_autocast(dtype, kernel_device):
+    # Under autocast the residual stream stays fp32 while the dense output is half: served, in fp32.
+    inputs = make_inputs((36, 100), kernel_device)
+    leaves = [inputs["hidden"].to(dtype), inputs["residual"], inputs["weight"], inputs["bias"]]
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    assert rln.supports(*leaves, EPS, 0.1) is None
+    out = rln.residual_dropout_layer_norm(*leaves, EPS, 0.1, seed=5)
+    grads = torch.autograd.grad(out, leaves, inputs["grad_out"])
+    assert out.dtype == torch.float32
+    assert [g.dtype for g in grads] == [dtype, torch.float32, torch.float32, torch.float32]
+    # The half hidden is exact in fp32, so the fp32 reference on the same values is the oracle.
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    keep = rln.dropout_keep_mask(5, 0, (36, 100), 0.1, kernel_device)
+    ref = reference.residual_dropout_layer_norm(*ref_leaves, EPS, 0.1, keep)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, inputs["grad_out"])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for name, g, r in zip(NAMES[1:], grads, ref_grads, strict=True):
+        tol = torch.finfo(g.dtype).eps * r.abs().max().clamp(min=1.0).item()
+        torch.testing.assert_close(g.float(), r, atol=max(tol, 1e-5), rtol=1e-5, msg=name)
+
+
+def test_custom_ops_pass_opcheck(kernel_device):
+    inputs = make_inputs((5, 48), kernel_device)
+    seed = torch.tensor([77], dtype=torch.int64, device=kernel_device)
+    hidden, residual, weight, bias = (
+        inputs[k].clone().requires_grad_() for k in ("hidden", "residual", "weight", "bias")
+    )
+    for p in (0.0, 0.2):
+        torch.library.opcheck(rln._fwd_op, (hidden, residual, weight, bias, EPS, p, seed, 0, True))
+    _out, x, mean, rstd = rln._fwd_op(hidden, residual, weight, bias, EPS, 0.2, seed, 0, True)
+    args = (inputs["grad_out"], *(t.detach() for t in (x, mean, rstd, weight, bias)))
+    torch.library.opcheck(rln._bwd_op, (*args, torch.float32, torch.float32, 0.2, seed, 0))
+
+
+def test_fullgraph_compile_draws_seeds_on_the_device(kernel_device):
+    # The seed comes from the device generator inside the traced graph: no graph break, the same
+    # torch.manual_seed reproduces the eager draw, and the next call draws a new mask.
+    inputs = make_inputs((6, 64), kernel_device)
+    leaves = [inputs[k].clone().requires_grad_() for k in ("hidden", "residual", "weight", "bias")]
+
+    def step(hidden, residual, weight, bias):
+        return ops.residual_dropout_layer_norm(hidden, residual, weight, bias, EPS, 0.3)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = []
+    with lxmert_fast.use_backend("triton"):
+        for fn in (step, compiled):
+            torch.manual_seed(11)
+            out = fn(*leaves)
+            results.append((out, *torch.autograd.grad(out, leaves, inputs["grad_out"])))
+        again = compiled(*leaves)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(again, results[1][0])

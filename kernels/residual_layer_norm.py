@@ -3,7 +3,7 @@
 Computes, over the last dimension of ``hidden`` and ``residual`` (any leading shape, ``R`` rows
 of ``N`` features once flattened)::
 
-    x   = dropout(hidden, p) + residual          rounded to the input dtype, like eager PyTorch
+    x   = dropout(hidden, p) + residual          rounded to promote(hidden, residual), like eager
     out = (x - mean(x)) * rstd(x) * weight + bias      statistics in fp32, out in the input dtype
 
 exactly :func:`lxmert_fast.reference.residual_dropout_layer_norm`: the tail of every
@@ -11,9 +11,11 @@ attention-output and FFN-output block of LXMERT (eps 1e-12 there).
 
 Layouts and dtypes
     ``hidden``, ``residual``: [R, N] views with unit stride along N and any row stride (the
-    launcher copies only inputs whose last dimension is not contiguous); fp32, fp16 or bf16,
-    both the same dtype. ``weight``, ``bias``: [N], the input dtype or fp32. ``out`` is a new
-    contiguous tensor of the input's shape and dtype. ``N <= 4096`` (one row in one block).
+    launcher copies only inputs whose last dimension is not contiguous); fp32, fp16 or bf16 each:
+    a half ``hidden`` with an fp32 ``residual`` is what an autocast step passes (the residual
+    stream stays fp32). ``x`` and ``out`` take ``promote(hidden, residual)``, gradients the dtype
+    of their input. ``weight``, ``bias``: [N], the dtype of ``x`` or fp32. ``out`` is a new
+    contiguous tensor of the input's shape. ``N <= 4096`` (one row in one block).
 
 Dropout randomness
     Philox4x32-10 keyed by ``seed``, the project's convention (:mod:`lxmert_fast.philox`):
@@ -23,9 +25,16 @@ Dropout randomness
     ``reference.probability_threshold``), so the drop rate is ``p`` to within 6e-8. One Philox
     call feeds four elements, which keeps the generator cheaper than the memory traffic. The
     backward regenerates the mask from (seed, offset); nothing of it is stored.
-    :func:`dropout_keep_mask` rebuilds the same mask in PyTorch for tests. The dispatcher's
-    entry point draws a fresh seed per call from torch's default CPU generator (so
-    ``torch.manual_seed`` reproduces runs, no CUDA sync) with offset 0.
+    :func:`dropout_keep_mask` rebuilds the same mask in PyTorch for tests. The seed is an int64
+    ``[1]`` tensor the kernels load: the dispatcher's entry point draws it per call ON THE DEVICE
+    (:func:`lxmert_fast.philox.draw_seed`, offset 0), so there is no host draw or sync, a captured
+    CUDA graph draws anew at every replay, and ``torch.manual_seed`` reproduces eager and compiled
+    runs alike.
+
+Registration
+    ``lxmert_fast::residual_dropout_layer_norm_fwd`` (out, x, mean, rstd) and ``..._bwd`` are
+    ``torch.library`` custom ops with fake kernels; autograd is registered on the forward op, so
+    ``torch.compile(fullgraph=True)`` traces a call as one node each way.
 
 Saved for backward
     ``x`` in the input dtype plus per-row fp32 ``mean`` and ``rstd``: the backward needs
@@ -44,9 +53,9 @@ Backward
     writes one fp32 partial row of ``dW = sum dy * x_hat`` and ``db = sum dy``; the launcher
     sums the partials in PyTorch: no atomics, bitwise reproducible on a given device.
 
-Not supported (``supports`` says why): fp64, ``N > 4096``, ``residual`` of another dtype than
-``hidden``, ``weight`` of a dtype other than the input's or fp32, ``bias`` of another dtype
-than ``weight``, CPU tensors unless ``TRITON_INTERPRET=1``.
+Not supported (``supports`` says why): fp64, ``N > 4096``, ``weight`` of a dtype other than
+``x``'s or fp32, ``bias`` of another dtype than ``weight``, CPU tensors unless
+``TRITON_INTERPRET=1``.
 
 Hazards
     ``p == 1`` drops every element (scale 0, never ``inf``). ``x`` is rounded to the input

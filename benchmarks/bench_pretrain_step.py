@@ -1,12 +1,19 @@
-"""One full pre-training step (forward, backward, AdamW step): ours vs transformers' ``LxmertForPreTraining``.
+"""One full pre-training step (forward, six losses, backward, AdamW): ours vs transformers'
+``LxmertForPreTraining``, eager and under ``torch.compile``.
 
 Same weights (transformers' random init loaded into ours with ``strict=True``), same batch, all
-six losses (ignored labels are -100, transformers' convention; MLM, matching, obj/attr over all 36 objects weighted by confidence, feature
-regression on masked objects, QA), train mode (dropout 0.1 on). Configs: ``small`` (the ``small``
-preset of ``train.py``, 2/2/1 x 128, features 256, B=32) on CPU; ``paper`` (9/5/5 x 768,
-features 2048, B=64, bf16 autocast) only on CUDA. ``extra_info``: ``samples_per_s`` and, on
-CUDA, ``peak_mem_mb``. Batches come from random tensors, not the loader: this measures the
-model step, not data loading.
+six losses (ignored labels are -100, transformers' convention; MLM, matching, obj/attr over all
+36 objects weighted by confidence, feature regression on masked objects, QA), train mode
+(dropout 0.1 on). Ours decodes MLM and feature regression at the masked positions only (its
+sparse heads, positions made on the host as train.py does); transformers decodes every position.
+
+Cases: ``tiny`` (1/1/1 x 32, features 64, B=8) on CPU, eager and compiled (inductor), where CI-class
+machines can track the compiled ratio; ``paper`` (9/5/5 x 768, features 2048, bf16 autocast) at
+B=64 and B=256 on CUDA, eager and captured (``mode="reduce-overhead"``: CUDA graphs). ``extra_info``:
+``samples_per_s``; on CUDA also ``device_ms`` (CUDA events over 20 steps after warm-up),
+``tflops`` and ``peak_pct`` (FLOPs of the dense step counted once on the meta device with
+``torch.utils.flop_counter``, so both implementations are credited the same work) and
+``peak_mem_mb``. Batches come from random tensors, not the loader: this measures the model step.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ import pytest
 import torch
 
 import lxmert_fast
+from lxmert_fast import pretraining as pt
+from lxmert_fast.metrics import bf16_peak_flops, training_flops
 from lxmert_fast.pretraining import PRESETS
 
 transformers = pytest.importorskip("transformers")
 
-CONFIGS = {
+CONFIGS: dict[str, dict] = {
     # Dropout 0.1 as in the paper config (the small preset trains without it), so both cases
     # time the dropout path that real pre-training runs.
     "small": dict(
@@ -31,7 +40,11 @@ CONFIGS = {
         vocab_size=30522,
         num_qa_labels=9500,
     ),
-    "paper": dict(PRESETS["paper"], batch=64, visual_feat_dim=2048, vocab_size=30522, num_qa_labels=9500),
+    "tiny": dict(PRESETS["tiny"], batch=8, visual_feat_dim=64, vocab_size=30522, num_qa_labels=9500),
+    "paper-b64": dict(PRESETS["paper"], batch=64, visual_feat_dim=2048, vocab_size=30522, num_qa_labels=9500),
+    "paper-b256": dict(
+        PRESETS["paper"], batch=256, visual_feat_dim=2048, vocab_size=30522, num_qa_labels=9500
+    ),
 }
 
 
@@ -56,6 +69,11 @@ def make_batch(config: dict, device: str) -> dict:
             "feat": (feats, masked),
         },
     }
+    labels = batch["labels"]
+    batch["sparse"] = {
+        "mlm_positions": pt.flat_positions(labels >= 0, pt.position_budget(labels.numel(), 0.15)),
+        "feat_positions": pt.flat_positions(masked > 0, pt.position_budget(masked.numel(), 0.15)),
+    }
     move = lambda x: x.to(device) if torch.is_tensor(x) else tuple(move(y) for y in x)  # noqa: E731
     return {
         k: ({kk: move(vv) for kk, vv in v.items()} if isinstance(v, dict) else move(v))
@@ -73,34 +91,76 @@ def make_models(config: dict, device: str):
     return {"transformers": hf, "ours": ours}
 
 
-CASES = [("small", "cpu")]
+CASES = [("small", "cpu"), ("tiny", "cpu")]
 if torch.cuda.is_available():
-    CASES = [("small", "cuda"), ("paper", "cuda")]
+    CASES = [("small", "cuda"), ("paper-b64", "cuda"), ("paper-b256", "cuda")]
+_FLOPS: dict[str, int] = {}
 
 
+def dense_step_flops(size: str, config: dict, batch: dict) -> int:
+    """FLOPs of the dense step (forward, six losses, backward), counted once per config."""
+    if size not in _FLOPS:
+        model_config = {k: v for k, v in config.items() if k != "batch"}
+        dense = {k: v for k, v in batch.items() if k != "sparse"}
+        _FLOPS[size] = training_flops(
+            lambda: lxmert_fast.LxmertForPreTraining(lxmert_fast.LxmertConfig(**model_config)),
+            dense,
+            lambda out: out.loss,
+        )
+    return _FLOPS[size]
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("impl", ["ours", "transformers"])
 @pytest.mark.parametrize(("size", "device"), CASES)
-def test_pretrain_step(benchmark, cpu_threads, impl, size, device):
+def test_pretrain_step(benchmark, cpu_threads, impl, mode, size, device):
+    if mode == "compiled" and size == "small" and device == "cpu":
+        pytest.skip("compiled CPU steps are timed on the tiny config (inductor compiles small for minutes)")
     config = CONFIGS[size]
     model = make_models(config, device)[impl]
     batch = make_batch(config, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda" and size == "paper")
+    sparse = batch.pop("sparse")
+    if impl == "ours":
+        batch.update(sparse)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda" and size.startswith("paper"))
+    forward = model
+    if mode == "compiled":
+        torch._dynamo.reset()
+        forward = torch.compile(model, mode="reduce-overhead" if device == "cuda" else None)
 
     def step() -> None:
         with autocast:
-            loss = model(**batch).loss
+            loss = forward(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3 if mode == "compiled" else 1):  # compile and record the CUDA graphs
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            step()
+        end.record()
+        end.synchronize()
+        device_s = start.elapsed_time(end) / 1e3 / 20
+        flops = dense_step_flops(size, config, batch)
+        peak = bf16_peak_flops(torch.device(device))
+        benchmark.extra_info["device_ms"] = round(device_s * 1e3, 3)
+        benchmark.extra_info["tflops"] = round(flops / device_s / 1e12, 1)
+        if peak:
+            benchmark.extra_info["peak_pct"] = round(100 * flops / device_s / peak, 2)
+        benchmark.extra_info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+    def timed_step() -> None:
+        step()
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(step, rounds=5 if device == "cpu" else 20, warmup_rounds=1)
+    benchmark.pedantic(timed_step, rounds=5 if device == "cpu" else 20, warmup_rounds=1)
     benchmark.extra_info["samples_per_s"] = config["batch"] / benchmark.stats.stats.mean
     benchmark.extra_info["cpu_threads"] = cpu_threads
-    if device == "cuda":
-        benchmark.extra_info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -12,41 +12,66 @@ projection as FMAs, both LayerNorms with fp32 statistics, the average and invert
 dropout, and writes the output plus the per-row ``mean``/``rstd`` of both LayerNorms (fp32).
 
 Backward: one row kernel regenerates the dropout mask, runs both LayerNorm backwards and
-writes ``d(features·W_vᵀ + b_v)`` (input dtype) and ``d boxes`` (``pos_dim`` is tiny, so
+writes ``d(features·W_vᵀ + b_v)`` (projection dtype) and ``d boxes`` (``pos_dim`` is tiny, so
 ``dy·W_b`` is an in-register reduction). Every program keeps fp32 partial rows of the
 gradients of both LayerNorm weights, the (shared) LayerNorm bias gradient, ``b_v``, ``b_b``
 and ``W_b``; the launcher sums the partials in torch: deterministic, no atomics. So the box
 projection's output gradient never goes to memory (the brief's ``dproj_b`` GEMMs would write
 and re-read an ``[M, hidden]`` tensor for ``pos_dim`` MACs per element). ``d features =
 dproj·W_v`` and ``dW_v = dprojᵀ·features`` are cuBLAS GEMMs. Saved for backward: the
-``[M, hidden]`` projection (as eager PyTorch saves it for its LayerNorm), the flattened
-features/boxes and the ``[4, M]`` fp32 stats; the box projection is recomputed.
+``[M, hidden]`` projection (as eager PyTorch saves it for its LayerNorm), the features (only
+when ``W_v`` needs a gradient), the boxes and the ``[4, M]`` fp32 stats; the box projection is
+recomputed.
 
 Both row kernels are persistent: each program walks its rows in ``[BLOCK_M, BLOCK_H] = [4,
 1024]`` tiles (several rows' loads in flight per program; one tile width for every hidden
-size up to 1024, so the launcher picks among 24 variants) and
-re-reads the ``W_b`` column it needs from L1 per tile rather than pinning a ``[BLOCK_H,
-BLOCK_P]`` tile in registers. ptxas reports 209 (forward) / 253 (backward) registers per
-thread at 8 warps, bf16, ``pos_dim`` 4, no spills: one program per SM at a time, four
-rows in flight. Not yet timed on a GPU: ``BLOCK_M``/``num_warps`` are the knobs to tune.
+size up to 1024, so the launcher picks among 40 variants) and re-reads the ``W_b`` column it
+needs from L1 per tile rather than pinning a ``[BLOCK_H, BLOCK_P]`` tile in registers. The
+sm_90 compile check (tests/test_compile_sm90.py) reports about 200 (forward) / 240 (backward)
+registers per thread at 8 warps, half precision, ``pos_dim`` 4, no spills: one program per SM
+at a time, four rows in flight. The backward at ``BLOCK_P`` 8 (``pos_dim`` 5..8) takes two
+rows per step: four spilled. Not yet timed on a GPU: ``BLOCK_M``/``num_warps`` are the knobs
+to tune.
 
 Layouts: the projection, output and gradient rows are ``[M, hidden]`` with unit column
 stride and a row stride argument; boxes ``[M, pos_dim]`` likewise; ``W_b`` is ``[hidden,
 pos_dim]`` contiguous (``nn.Linear`` layout); LayerNorm parameters ``[hidden]`` contiguous.
 
-Dtypes: fp32, fp16, bf16; every tensor of one call in the same dtype. Statistics, the box
-projection and all partial sums are fp32; outputs are rounded once to the input dtype.
+Dtypes: fp32, fp16, bf16. The kernels take two: the GEMM dtype (projection, boxes, ``W_b``,
+``b_b`` and their gradients) and the LayerNorm dtype (LayerNorm parameters, output and its
+gradient); statistics, the box projection and all partial sums are fp32, and each output is
+rounded once. Outside autocast every tensor of a call has one dtype. Autocast (issue #11) is
+served as eager PyTorch runs it: :func:`visual_embedding` casts features, boxes and both
+Linears' parameters to the autocast dtype (autocast runs ``linear`` there) and the LayerNorm
+parameters to fp32 on CUDA, where ``layer_norm`` is on autocast's fp32 list, so the output is
+fp32 as eager's; CPU autocast leaves ``layer_norm`` in its input's dtype, so there the
+LayerNorm parameters and output take the autocast dtype (eager keeps fp32 parameters there:
+the fast path rounds them once, within the low-precision test bound). Gradients flow back
+through the casts. The casts happen in Python before the custom op, since custom ops are not
+autocast-aware.
 
 Dropout: element ``(row, col)`` is kept iff ``tl.rand(seed, offset + row * hidden + col) >=
 p`` (Philox4x32-10 with key ``(seed, 0)`` and counter ``(index, 0, 0, 0)``, the first word as
 triton's ``uint_to_uniform_float``). The index is cast to int32 on purpose: a 64-bit offset
-selects a different Philox variant in older triton releases (the GPU runs triton 3.6).
-:func:`dropout_keep_mask` exports the same mask for tests. ``dropout_p > 0`` draws ``seed``
-from torch's default CPU generator (``torch.manual_seed`` reproduces a run, no CUDA sync).
+selects a different Philox variant in older triton releases (the GPU runs triton 3.6). The
+seed is an int64 ``[1]`` device tensor the kernels load (only with dropout on), never a host
+int: ``dropout_p > 0`` without a seed draws one with :func:`lxmert_fast.philox.draw_seed` on
+the features' device, so a captured graph draws a fresh mask on every replay, there is no host
+sync, and ``torch.manual_seed`` reproduces a run, eager and compiled alike. Seeds below
+``2**31`` key Philox as the former int32 argument did. ``offset`` stays a ``do_not_specialize``
+int. :func:`dropout_keep_mask` exports the same mask for tests (int or tensor seed).
+
+Registration: ``lxmert_fast::visual_embedding_fwd`` (the ``addmm`` and the forward row kernel;
+returns the output, the projection and the stats) and ``lxmert_fast::visual_embedding_bwd``
+(the backward row kernel) are ``torch.library.custom_op`` with fake kernels; the forward's
+registered autograd calls the backward op and the two GEMMs. ``torch.compile(fullgraph=True)``
+traces :func:`visual_embedding` without a break (the seed draw is a graph op).
+``torch.library.triton_op`` would let inductor see the kernels, but does not run under the
+interpreter (DESIGN.md §6).
 
 Not supported (``supports`` says why and the dispatcher falls back to the reference):
-mixed dtypes, fp64, ``hidden > 1024``, ``pos_dim > 8``, no rows, ``offset + M * hidden >=
-2**31`` (int32 dropout index), autocast regions, parameters of unexpected shapes.
+mixed dtypes outside autocast, fp64, ``hidden > 1024``, ``pos_dim > 8``, no rows, ``offset +
+M * hidden >= 2**31`` (int32 dropout index), parameters of unexpected shapes.
 
 Hazards: masked columns and rows are forced to zero before every reduction (the LayerNorm
 backward's correction term is non-zero there otherwise), covered by tests at hidden sizes
@@ -64,12 +89,14 @@ import triton.language as tl
 from lxmert_fast import ops
 from lxmert_fast.backend import register_fast_path
 from lxmert_fast.kernels.sm90 import KernelVariant
+from lxmert_fast.philox import draw_seed, seed_tensor
 
 Tensor = torch.Tensor
 
 MAX_POS_DIM = 8
 # One tile width for every hidden size up to 1024 (LXMERT's 768 needs it; narrower rows run
-# masked): the launcher then picks among 24 variants, which keeps the sm_90 compile check short.
+# masked): the launcher then picks among 40 variants (5 dtype pairs x 2 BLOCK_P x dropout on/off
+# x fwd/bwd), which keeps the sm_90 compile check short.
 BLOCK_H = 1024
 # Four rows per step: a 4096-element tile, 16 fp32 registers per thread per tile at 8 warps.
 BLOCK_M = 4
@@ -87,7 +114,7 @@ def _dropout_keep(seed, index, p):
     return tl.rand(seed, index.to(tl.int32)) >= p
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=["offset"])
 def _visual_embedding_fwd_kernel(
     out_ptr,  # [M, hidden] output, input dtype
     out_row_stride,
@@ -109,7 +136,7 @@ def _visual_embedding_fwd_kernel(
     eps,
     dropout_p,
     dropout_scale,
-    seed,
+    seed_ptr,  # [1] int64 Philox key, read iff HAS_DROPOUT
     offset,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -120,6 +147,7 @@ def _visual_embedding_fwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
 
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     cols = tl.arange(0, BLOCK_H)
     col_mask = cols < hidden
     # Loaded once per program and reused for all its rows.
@@ -170,7 +198,7 @@ def _visual_embedding_fwd_kernel(
         tl.store(stats_ptr + 3 * n_rows + rows, rstd_b, mask=row_mask)
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=["offset"])
 def _visual_embedding_bwd_kernel(
     dproj_ptr,  # [M, hidden] out: grad of features·W_vᵀ + b_v, input dtype
     dproj_row_stride,
@@ -195,7 +223,7 @@ def _visual_embedding_bwd_kernel(
     rows_per_program,  # a multiple of BLOCK_M
     dropout_p,
     dropout_scale,
-    seed,
+    seed_ptr,  # [1] int64 Philox key, read iff HAS_DROPOUT
     offset,
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -206,6 +234,7 @@ def _visual_embedding_bwd_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
 
+    seed = tl.load(seed_ptr) if HAS_DROPOUT else 0
     cols = tl.arange(0, BLOCK_H)
     col_mask = cols < hidden
     ks = tl.arange(0, BLOCK_P)
@@ -295,22 +324,28 @@ def _visual_embedding_bwd_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["seed", "offset"])
+@triton.jit(do_not_specialize=["offset"])
 def _dropout_keep_mask_kernel(
     keep_ptr,  # [n] int8 out
     n,
-    seed,
+    seed_ptr,  # [1] int64 Philox key
     offset,
     dropout_p,
     BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = _dropout_keep(seed, offset + idx, dropout_p)
+    keep = _dropout_keep(tl.load(seed_ptr), offset + idx, dropout_p)
     tl.store(keep_ptr + idx, keep.to(tl.int8), mask=idx < n)
 
 
 def _block_p(pos_dim: int) -> int:
     return next(b for b in BLOCK_PS if pos_dim <= b)
+
+
+def _bwd_block_m(block_p: int) -> int:
+    # At BLOCK_P 8 the backward also holds an [8, BLOCK_H] dW_b accumulator: two rows per step
+    # keep it free of spills (ptxas sm_90, 8 warps: 253-255 registers; four rows spilled 2-10 words).
+    return BLOCK_M if block_p <= 4 else 2
 
 
 def _programs(n_rows: int, block_m: int, device: torch.device, per_sm: int) -> tuple[int, int]:
@@ -326,6 +361,7 @@ def _dropout_scale(dropout_p: float) -> float:
 
 
 def _forward_rows(
+    out: Tensor,
     proj: Tensor,
     boxes: Tensor,
     box_weight: Tensor,
@@ -336,13 +372,13 @@ def _forward_rows(
     box_ln_bias: Tensor,
     eps: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     offset: int,
-) -> tuple[Tensor, Tensor]:
-    """Launch the forward row kernel on ``proj`` [M, hidden]; returns (out [M, hidden], stats [4, M])."""
+) -> Tensor:
+    """Launch the forward row kernel on ``proj`` [M, hidden], writing ``out`` [M, hidden]; returns
+    the stats [4, M]."""
     n_rows, hidden = proj.shape
     pos_dim = boxes.shape[1]
-    out = torch.empty_like(proj)
     stats = torch.empty((4, n_rows), dtype=torch.float32, device=proj.device)
     programs, rows_per_program = _programs(n_rows, BLOCK_M, proj.device, per_sm=8)
     _visual_embedding_fwd_kernel[(programs,)](
@@ -366,7 +402,8 @@ def _forward_rows(
         eps,
         dropout_p,
         _dropout_scale(dropout_p),
-        seed,
+        # Never read without dropout (HAS_DROPOUT is a constexpr): any pointer will do.
+        stats if seed is None else seed,
         offset,
         BLOCK_M=BLOCK_M,
         BLOCK_H=BLOCK_H,
@@ -374,7 +411,7 @@ def _forward_rows(
         HAS_DROPOUT=dropout_p > 0.0,
         num_warps=NUM_WARPS,
     )
-    return out, stats
+    return stats
 
 
 def _backward_rows(
@@ -387,7 +424,7 @@ def _backward_rows(
     box_ln_weight: Tensor,
     stats: Tensor,
     dropout_p: float,
-    seed: int,
+    seed: Tensor | None,
     offset: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward row kernel; returns (dproj [M, hidden], dboxes [M, pos_dim],
@@ -396,9 +433,11 @@ def _backward_rows(
     pos_dim = boxes.shape[1]
     dproj = torch.empty_like(proj)
     dboxes = torch.empty_like(boxes)
+    block_p = _block_p(pos_dim)
+    block_m = _bwd_block_m(block_p)
     # One program per SM: each writes 5 + pos_dim partial rows, and at ~253 registers per
     # thread (ptxas, 8 warps) a second one could not be resident anyway.
-    programs, rows_per_program = _programs(n_rows, BLOCK_M, proj.device, per_sm=1)
+    programs, rows_per_program = _programs(n_rows, block_m, proj.device, per_sm=1)
     ln_partials = torch.empty((programs, 5, hidden), dtype=torch.float32, device=proj.device)
     box_weight_partials = torch.empty((programs, pos_dim, hidden), dtype=torch.float32, device=proj.device)
     _visual_embedding_bwd_kernel[(programs,)](
@@ -425,11 +464,11 @@ def _backward_rows(
         rows_per_program,
         dropout_p,
         _dropout_scale(dropout_p),
-        seed,
+        stats if seed is None else seed,
         offset,
-        BLOCK_M=BLOCK_M,
+        BLOCK_M=block_m,
         BLOCK_H=BLOCK_H,
-        BLOCK_P=_block_p(pos_dim),
+        BLOCK_P=block_p,
         HAS_DROPOUT=dropout_p > 0.0,
         num_warps=NUM_WARPS,
     )
@@ -437,132 +476,219 @@ def _backward_rows(
 
 
 def dropout_keep_mask(
-    seed: int, offset: int, shape: tuple[int, ...], dropout_p: float, device: torch.device | str = "cpu"
+    seed: int | Tensor,
+    offset: int,
+    shape: tuple[int, ...],
+    dropout_p: float,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """The bool keep-mask the kernels draw for ``(seed, offset)`` over a row-major ``shape``.
 
     For tests: ``reference.visual_embedding(..., keep_mask=dropout_keep_mask(...))`` is what
-    the fused op computes with the same seed and offset.
+    the fused op computes with the same seed (an int, or the seed tensor a call used) and offset.
     """
     n = 1
     for size in shape:
         n *= size
     if offset < 0 or offset + n >= _INT32_LIMIT:
         raise ValueError(f"offset: expected 0 <= offset and offset + numel < 2**31, got {offset} + {n}")
-    if not 0 <= seed < _INT32_LIMIT:
-        raise ValueError(f"seed: expected 0 <= seed < 2**31 (an int32 kernel argument), got {seed}")
+    _check_seed(seed)
     keep = torch.empty(n, dtype=torch.int8, device=device)
     if n:
         _dropout_keep_mask_kernel[(triton.cdiv(n, MASK_BLOCK),)](
-            keep, n, seed, offset, dropout_p, BLOCK=MASK_BLOCK
+            keep, n, seed_tensor(seed, keep.device), offset, dropout_p, BLOCK=MASK_BLOCK
         )
     return keep.view(shape).bool()
 
 
-class VisualEmbeddingFunction(torch.autograd.Function):
-    """Autograd of the fused visual embedding; ``seed``/``offset`` fix the dropout draw."""
+def _check_seed(seed: int | Tensor | None) -> None:
+    # A tensor seed is not read on the host (no sync): draw_seed's are below 2**31 by construction.
+    if isinstance(seed, int) and not 0 <= seed < _INT32_LIMIT:
+        raise ValueError(f"seed: expected 0 <= seed < 2**31, got {seed}")
 
-    @staticmethod
-    def forward(
-        ctx,
-        features: Tensor,
-        boxes: Tensor,
-        feat_weight: Tensor,
-        feat_bias: Tensor,
-        feat_ln_weight: Tensor,
-        feat_ln_bias: Tensor,
-        box_weight: Tensor,
-        box_bias: Tensor,
-        box_ln_weight: Tensor,
-        box_ln_bias: Tensor,
-        eps: float,
-        dropout_p: float,
-        seed: int,
-        offset: int,
-    ) -> Tensor:
-        batch_shape = features.shape[:-1]
-        features_2d = features.reshape(-1, features.shape[-1])
-        boxes_2d = boxes.reshape(-1, boxes.shape[-1]).contiguous()
-        box_weight = box_weight.contiguous()
-        proj = F.linear(features_2d, feat_weight, feat_bias)
-        out, stats = _forward_rows(
-            proj,
-            boxes_2d,
-            box_weight,
-            box_bias.contiguous(),
-            feat_ln_weight.contiguous(),
-            feat_ln_bias.contiguous(),
-            box_ln_weight.contiguous(),
-            box_ln_bias.contiguous(),
-            eps,
-            dropout_p,
-            seed,
-            offset,
-        )
-        # The features only feed dW_v; not keeping them alive when W_v is frozen.
-        ctx.save_for_backward(
-            features_2d if ctx.needs_input_grad[2] else None,
-            boxes_2d,
-            feat_weight,
-            proj,
-            stats,
-            box_weight,
-            box_bias,
-            feat_ln_weight,
-            box_ln_weight,
-        )
-        ctx.dropout = (dropout_p, seed, offset)
-        ctx.shapes = (features.shape, boxes.shape)
-        return out.view(*batch_shape, -1)
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        (
-            features_2d,
-            boxes_2d,
-            feat_weight,
-            proj,
-            stats,
-            box_weight,
-            box_bias,
-            feat_ln_weight,
-            box_ln_weight,
-        ) = ctx.saved_tensors
-        features_shape, boxes_shape = ctx.shapes
-        dout = grad_out.reshape(proj.shape).contiguous()
-        dproj, dboxes, ln_sums, d_box_weight = _backward_rows(
-            dout,
-            proj,
-            boxes_2d,
-            box_weight,
-            box_bias.contiguous(),
-            feat_ln_weight.contiguous(),
-            box_ln_weight.contiguous(),
-            stats,
-            *ctx.dropout,
-        )
-        need = ctx.needs_input_grad
-        d_features = (dproj @ feat_weight).view(features_shape) if need[0] else None
-        d_boxes = dboxes.view(boxes_shape) if need[1] else None
-        d_feat_weight = dproj.t() @ features_2d if need[2] else None
-        dtype = proj.dtype
-        d_feat_g, d_beta, d_feat_b, d_box_g, d_box_b = ln_sums.to(dtype).unbind(0)
-        return (
-            d_features,
-            d_boxes,
-            d_feat_weight,
-            d_feat_b,
-            d_feat_g,
-            d_beta,
-            d_box_weight.to(dtype),
-            d_box_b,
-            d_box_g,
-            d_beta.clone(),
-            None,
-            None,
-            None,
-            None,
-        )
+@torch.library.custom_op("lxmert_fast::visual_embedding_fwd", mutates_args=())
+def visual_embedding_fwd(
+    features: Tensor,
+    boxes: Tensor,
+    feat_weight: Tensor,
+    feat_bias: Tensor,
+    feat_ln_weight: Tensor,
+    feat_ln_bias: Tensor,
+    box_weight: Tensor,
+    box_bias: Tensor,
+    box_ln_weight: Tensor,
+    box_ln_bias: Tensor,
+    eps: float,
+    dropout_p: float,
+    seed: Tensor | None,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused forward as given: (out [*batch, hidden] in the LayerNorm parameters' dtype,
+    proj = features·W_vᵀ + b_v [M, hidden], stats [4, M] fp32); ``seed`` int64 [1] or None
+    without dropout. Autocast does not apply here: :func:`visual_embedding` casts first."""
+    features_2d = features.reshape(-1, features.shape[-1])
+    proj = F.linear(features_2d, feat_weight, feat_bias)
+    out = torch.empty((*features.shape[:-1], proj.shape[1]), dtype=feat_ln_weight.dtype, device=proj.device)
+    stats = _forward_rows(
+        out.view(proj.shape),
+        proj,
+        boxes.reshape(-1, boxes.shape[-1]).contiguous(),
+        box_weight.contiguous(),
+        box_bias.contiguous(),
+        feat_ln_weight.contiguous(),
+        feat_ln_bias.contiguous(),
+        box_ln_weight.contiguous(),
+        box_ln_bias.contiguous(),
+        eps,
+        dropout_p,
+        seed,
+        offset,
+    )
+    return out, proj, stats
+
+
+@visual_embedding_fwd.register_fake
+def _visual_embedding_fwd_fake(
+    features, boxes, feat_weight, feat_bias, feat_ln_weight, *_
+) -> tuple[Tensor, Tensor, Tensor]:
+    hidden = feat_weight.shape[0]
+    n_rows = features.shape[:-1].numel()
+    return (
+        features.new_empty((*features.shape[:-1], hidden), dtype=feat_ln_weight.dtype),
+        features.new_empty((n_rows, hidden)),
+        features.new_empty((4, n_rows), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("lxmert_fast::visual_embedding_bwd", mutates_args=())
+def visual_embedding_bwd(
+    grad_out: Tensor,
+    proj: Tensor,
+    boxes: Tensor,
+    box_weight: Tensor,
+    box_bias: Tensor,
+    feat_ln_weight: Tensor,
+    box_ln_weight: Tensor,
+    stats: Tensor,
+    dropout_p: float,
+    seed: Tensor | None,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused backward rows: (dproj [M, hidden] in proj's dtype, dboxes in boxes' shape and
+    dtype, [5, hidden] fp32 sums dγ_v, dβ (both LayerNorms), db_v, dγ_b, db_b, and dW_b [hidden,
+    pos_dim] fp32); the dropout mask is regenerated from (seed, offset)."""
+    dproj, dboxes, ln_sums, d_box_weight = _backward_rows(
+        grad_out.reshape(proj.shape).contiguous(),
+        proj,
+        boxes.reshape(-1, boxes.shape[-1]).contiguous(),
+        box_weight.contiguous(),
+        box_bias.contiguous(),
+        feat_ln_weight.contiguous(),
+        box_ln_weight.contiguous(),
+        stats,
+        dropout_p,
+        seed,
+        offset,
+    )
+    return dproj, dboxes.view(boxes.shape), ln_sums, d_box_weight
+
+
+@visual_embedding_bwd.register_fake
+def _visual_embedding_bwd_fake(
+    grad_out, proj, boxes, box_weight, *_
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    hidden = proj.shape[1]
+    return (
+        proj.new_empty(proj.shape),
+        boxes.new_empty(boxes.shape),
+        proj.new_empty((5, hidden), dtype=torch.float32),
+        proj.new_empty(box_weight.shape, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    features, boxes, feat_weight, feat_bias, feat_ln_weight, feat_ln_bias = inputs[:6]
+    box_weight, box_bias, box_ln_weight, box_ln_bias, _eps, dropout_p, seed, offset = inputs[6:]
+    _, proj, stats = output
+    # proj and stats are saved for the backward, not results: no gradients flow into them.
+    ctx.mark_non_differentiable(proj, stats)
+    ctx.set_materialize_grads(False)
+    # The features only feed dW_v; not keeping them alive when W_v is frozen.
+    ctx.save_for_backward(
+        features if ctx.needs_input_grad[2] else None,
+        boxes,
+        feat_weight,
+        proj,
+        stats,
+        box_weight,
+        box_bias,
+        feat_ln_weight,
+        box_ln_weight,
+        seed,
+    )
+    ctx.launch = (dropout_p, offset)
+    ctx.grad_dtypes = tuple(
+        t.dtype
+        for t in (feat_bias, feat_ln_weight, feat_ln_bias, box_weight, box_bias, box_ln_weight, box_ln_bias)
+    )
+
+
+def _backward(ctx, grad_out: Tensor, _grad_proj: None, _grad_stats: None) -> tuple[Tensor | None, ...]:
+    features, boxes, feat_weight, proj, stats, box_weight, box_bias, feat_ln_weight, box_ln_weight, seed = (
+        ctx.saved_tensors
+    )
+    dropout_p, offset = ctx.launch
+    dproj, d_boxes, ln_sums, d_box_w = visual_embedding_bwd(
+        grad_out,
+        proj,
+        boxes,
+        box_weight,
+        box_bias,
+        feat_ln_weight,
+        box_ln_weight,
+        stats,
+        dropout_p,
+        seed,
+        offset,
+    )
+    need = ctx.needs_input_grad
+    d_features = (dproj @ feat_weight).view(*grad_out.shape[:-1], -1) if need[0] else None
+    d_feat_weight = dproj.t() @ features.reshape(-1, features.shape[-1]) if need[2] else None
+    d_feat_g, d_beta, d_feat_b, d_box_g, d_box_b = ln_sums.unbind(0)
+    feat_b_t, feat_g_t, feat_beta_t, box_w_t, box_b_t, box_g_t, box_beta_t = ctx.grad_dtypes
+    return (
+        d_features,
+        d_boxes if need[1] else None,
+        d_feat_weight,
+        d_feat_b.to(feat_b_t),
+        d_feat_g.to(feat_g_t),
+        d_beta.to(feat_beta_t),
+        d_box_w.to(box_w_t),
+        d_box_b.to(box_b_t),
+        d_box_g.to(box_g_t),
+        # Both LayerNorm biases get the same gradient: a copy each, never one tensor twice.
+        d_beta.to(box_beta_t, copy=True),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+visual_embedding_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_dtypes(device_type: str) -> tuple[torch.dtype, torch.dtype] | None:
+    """(GEMM dtype, LayerNorm dtype) of eager PyTorch under autocast on ``device_type``, or None.
+
+    Autocast runs ``linear`` in its dtype on every device; ``layer_norm`` is on its fp32 list
+    on CUDA, while CPU autocast leaves it alone (it then runs in its input's dtype, the GEMM's).
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype, torch.float32 if device_type == "cuda" else dtype
 
 
 def supports(
@@ -592,15 +718,17 @@ def supports(
         ("box_ln_weight", box_ln_weight),
         ("box_ln_bias", box_ln_bias),
     )
-    if features.dtype not in DTYPES:
-        return f"features: dtype {features.dtype} is not fp32, fp16 or bf16"
-    for name, t in named[1:]:
-        if t.dtype != features.dtype:
+    autocast = _autocast_dtypes(features.device.type)
+    if autocast is not None and autocast[0] not in DTYPES:
+        return f"autocast dtype {autocast[0]} is not fp32, fp16 or bf16"
+    for name, t in named:
+        if t.dtype not in DTYPES:
+            return f"{name}: dtype {t.dtype} is not fp32, fp16 or bf16"
+        # Autocast casts every input to the dtypes the kernels then see.
+        if autocast is None and t.dtype != features.dtype:
             return f"{name}: dtype {t.dtype} differs from features' {features.dtype} (mixed dtypes)"
         if t.device != features.device:
             return f"{name}: device {t.device} differs from features' {features.device}"
-    if torch.is_autocast_enabled(features.device.type):
-        return "autocast is active (the kernels expect one dtype for every tensor)"
     hidden, pos_dim = feat_weight.shape[0], boxes.shape[-1]
     if hidden > BLOCK_H:
         return f"feat_weight: hidden size {hidden} exceeds the kernel's maximum {BLOCK_H}"
@@ -640,24 +768,36 @@ def visual_embedding(
     eps: float,
     dropout_p: float,
     *,
-    seed: int | None = None,
+    seed: int | Tensor | None = None,
     offset: int = 0,
 ) -> Tensor:
     """Fused visual embedding ``[B, N, hidden]``; ``dropout_p > 0`` is training mode.
 
-    ``seed`` defaults to a draw from torch's default CPU generator when dropout is on;
-    tests pass ``seed``/``offset`` to compare with :func:`dropout_keep_mask`.
+    Without a ``seed``, dropout draws one on the features' device
+    (:func:`lxmert_fast.philox.draw_seed`: no host sync, fresh in every CUDA-graph replay,
+    reproduced by ``torch.manual_seed``); tests pass an int ``seed`` and ``offset`` to compare
+    with :func:`dropout_keep_mask`. Under autocast the inputs are cast as eager autocast casts
+    them (see :func:`_autocast_dtypes`); gradients flow back through the casts.
     """
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()))
-    if seed is not None and not 0 <= seed < _INT32_LIMIT:
-        raise ValueError(f"seed: expected 0 <= seed < 2**31 (an int32 kernel argument), got {seed}")
+    _check_seed(seed)
     n_elements = features.shape[:-1].numel() * feat_weight.shape[0]
     if offset < 0 or offset + n_elements >= _INT32_LIMIT:
         raise ValueError(
             f"offset: expected 0 <= offset and offset + numel < 2**31, got {offset} + {n_elements}"
         )
-    return VisualEmbeddingFunction.apply(
+    device = features.device
+    autocast = _autocast_dtypes(device.type)
+    if autocast is not None:
+        gemm, norm = autocast
+        features, boxes, feat_weight, feat_bias, box_weight, box_bias = (
+            t.to(gemm) for t in (features, boxes, feat_weight, feat_bias, box_weight, box_bias)
+        )
+        feat_ln_weight, feat_ln_bias, box_ln_weight, box_ln_bias = (
+            t.to(norm) for t in (feat_ln_weight, feat_ln_bias, box_ln_weight, box_ln_bias)
+        )
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed(device)
+    out, _, _ = visual_embedding_fwd(
         features,
         boxes,
         feat_weight,
@@ -670,15 +810,17 @@ def visual_embedding(
         box_ln_bias,
         float(eps),
         float(dropout_p),
-        0 if seed is None else int(seed),
+        seed_tensor(seed, device) if dropout_p > 0.0 else None,
         int(offset),
     )
+    return out
 
 
 def sm90_variants() -> list[KernelVariant]:
-    """Every specialisation the launchers can pick: dtype x BLOCK_P x dropout x fwd/bwd, plus the mask
-    kernel, each with the arguments of LXMERT pre-training (B * 36 contiguous rows of 768; the
-    widest boxes a BLOCK_P serves)."""
+    """Every specialisation the launchers can pick: dtypes x BLOCK_P x dropout x fwd/bwd, plus the
+    mask kernel, each with the arguments of LXMERT pre-training (B * 36 contiguous rows of 768; the
+    widest boxes a BLOCK_P serves). Dtypes: one for every tensor, or (CUDA autocast) the GEMM's
+    fp16/bf16 for the projections and boxes with fp32 LayerNorm parameters and output."""
     from lxmert_fast.kernels.sm90 import BATCH, BOXES, DROPOUT_P, HIDDEN
 
     variants = [
@@ -688,14 +830,19 @@ def sm90_variants() -> list[KernelVariant]:
             {
                 "keep_ptr": torch.int8,
                 "n": BATCH * BOXES * HIDDEN,
-                "seed": 1_234_567,
+                "seed_ptr": torch.int64,
                 "offset": 0,
                 "dropout_p": DROPOUT_P,
                 "BLOCK": MASK_BLOCK,
             },
         )
     ]
-    for dtype, name in DTYPES.items():
+    dtype_pairs = [(dtype, dtype) for dtype in DTYPES] + [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ]
+    for gemm, norm in dtype_pairs:
+        name = DTYPES[gemm] if gemm == norm else f"{DTYPES[gemm]}_norm{DTYPES[norm]}"
         for block_p in BLOCK_PS:
             for has_dropout in (False, True):
                 suffix = f"{name}_p{block_p}_{'dropout' if has_dropout else 'eval'}"
@@ -707,84 +854,85 @@ def sm90_variants() -> list[KernelVariant]:
                         KernelVariant(
                             f"visual_embedding_{direction}_{suffix}",
                             fn,
-                            args(dtype, block_p, has_dropout),
+                            args(gemm, norm, block_p, has_dropout),
                             {"num_warps": NUM_WARPS},
                         )
                     )
     return variants
 
 
-def _row_args(block_p: int, has_dropout: bool, per_sm: int) -> dict:
-    """Shape, dropout and constexpr arguments as the launchers pass them; a fresh seed each call.
+def _row_args(block_m: int, block_p: int, has_dropout: bool, per_sm: int) -> dict:
+    """Shape, dropout and constexpr arguments as the launchers pass them.
 
-    ``rows_per_program`` is ``_programs`` on a 132-SM card.
+    ``rows_per_program`` is ``_programs`` on a 132-SM card; without dropout the seed pointer is
+    the stats tensor (fp32, never read).
     """
     from lxmert_fast.kernels.sm90 import BATCH, BOXES, DROPOUT_P, H100_SMS, HIDDEN
 
     n_rows = BATCH * BOXES
-    tiles = triton.cdiv(n_rows, BLOCK_M)
+    tiles = triton.cdiv(n_rows, block_m)
     dropout_p = DROPOUT_P if has_dropout else 0.0
     return {
         "n_rows": n_rows,
         "hidden": HIDDEN,
         "pos_dim": block_p,
-        "rows_per_program": triton.cdiv(tiles, min(tiles, H100_SMS * per_sm)) * BLOCK_M,
+        "rows_per_program": triton.cdiv(tiles, min(tiles, H100_SMS * per_sm)) * block_m,
         "dropout_p": dropout_p,
         "dropout_scale": _dropout_scale(dropout_p),
-        "seed": 1_234_567 if has_dropout else 0,
+        "seed_ptr": torch.int64 if has_dropout else torch.float32,
         "offset": 0,
-        "BLOCK_M": BLOCK_M,
+        "BLOCK_M": block_m,
         "BLOCK_H": BLOCK_H,
         "BLOCK_P": block_p,
         "HAS_DROPOUT": has_dropout,
     }
 
 
-def _fwd_args(dtype: torch.dtype, block_p: int, has_dropout: bool) -> dict:
+def _fwd_args(gemm: torch.dtype, norm: torch.dtype, block_p: int, has_dropout: bool) -> dict:
     from lxmert_fast.kernels.sm90 import HIDDEN
 
-    rows = _row_args(block_p, has_dropout, per_sm=8)
+    rows = _row_args(BLOCK_M, block_p, has_dropout, per_sm=8)
     return {
         **rows,
-        "out_ptr": dtype,
+        "out_ptr": norm,
         "out_row_stride": HIDDEN,
-        "proj_ptr": dtype,
+        "proj_ptr": gemm,
         "proj_row_stride": HIDDEN,
-        "boxes_ptr": dtype,
+        "boxes_ptr": gemm,
         "boxes_row_stride": rows["pos_dim"],
-        "box_weight_ptr": dtype,
-        "box_bias_ptr": dtype,
-        "feat_ln_weight_ptr": dtype,
-        "feat_ln_bias_ptr": dtype,
-        "box_ln_weight_ptr": dtype,
-        "box_ln_bias_ptr": dtype,
+        "box_weight_ptr": gemm,
+        "box_bias_ptr": gemm,
+        "feat_ln_weight_ptr": norm,
+        "feat_ln_bias_ptr": norm,
+        "box_ln_weight_ptr": norm,
+        "box_ln_bias_ptr": norm,
         "stats_ptr": torch.float32,
         "eps": 1e-12,
     }
 
 
-def _bwd_args(dtype: torch.dtype, block_p: int, has_dropout: bool) -> dict:
+def _bwd_args(gemm: torch.dtype, norm: torch.dtype, block_p: int, has_dropout: bool) -> dict:
     from lxmert_fast.kernels.sm90 import HIDDEN
 
-    rows = _row_args(block_p, has_dropout, per_sm=1)
+    rows = _row_args(_bwd_block_m(block_p), block_p, has_dropout, per_sm=1)
     return {
         **rows,
-        "dproj_ptr": dtype,
+        "dproj_ptr": gemm,
         "dproj_row_stride": HIDDEN,
-        "dboxes_ptr": dtype,
+        "dboxes_ptr": gemm,
         "dboxes_row_stride": rows["pos_dim"],
         "ln_partials_ptr": torch.float32,
         "box_weight_partials_ptr": torch.float32,
-        "dout_ptr": dtype,
+        "dout_ptr": norm,
         "dout_row_stride": HIDDEN,
-        "proj_ptr": dtype,
+        "proj_ptr": gemm,
         "proj_row_stride": HIDDEN,
-        "boxes_ptr": dtype,
+        "boxes_ptr": gemm,
         "boxes_row_stride": rows["pos_dim"],
-        "box_weight_ptr": dtype,
-        "box_bias_ptr": dtype,
-        "feat_ln_weight_ptr": dtype,
-        "box_ln_weight_ptr": dtype,
+        "box_weight_ptr": gemm,
+        "box_bias_ptr": gemm,
+        "feat_ln_weight_ptr": norm,
+        "box_ln_weight_ptr": norm,
         "stats_ptr": torch.float32,
     }
 

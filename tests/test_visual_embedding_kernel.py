@@ -3,7 +3,8 @@
 Forward and every gradient are compared with the reference on copies of the same inputs:
 fp32 within 1e-5 of the largest reference magnitude; fp16/bf16 by the flash-attention
 rule |fast - ref32| <= 2 |ref_lowp - ref32| + atol, where ref32 is the reference run in
-fp32 on the upcast low-precision inputs. Dropout is compared exactly by handing the
+fp32 on the upcast low-precision inputs; under autocast, ref_lowp is the reference under the
+same autocast and the output dtype must be eager's. Dropout is compared exactly by handing the
 reference the keep-mask the kernels draw (``dropout_keep_mask``), and that mask is pinned to
 an independent Philox implementation (lxmert_fast.philox). Runs under the Triton
 interpreter without a GPU (small hidden sizes keep it fast).
@@ -20,7 +21,7 @@ import torch
 import lxmert_fast
 from lxmert_fast import backend, ops, reference
 from lxmert_fast.kernels import visual_embedding as ve
-from lxmert_fast.philox import philox_bits
+from lxmert_fast.philox import draw_seed, philox_bits
 
 EPS = 1e-12
 NAMES = (
@@ -215,6 +216,8 @@ def test_dropout_seed_comes_from_torch_generator(kernel_device):
     first = ve.visual_embedding(*inputs, EPS, 0.1)
     torch.manual_seed(123)
     assert torch.equal(first, ve.visual_embedding(*inputs, EPS, 0.1))
+    torch.manual_seed(124)
+    assert not torch.equal(first, ve.visual_embedding(*inputs, EPS, 0.1))
 
 
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
@@ -256,7 +259,7 @@ def test_dispatcher_runs_the_kernel_under_triton_backend(kernel_device):
         assert backend.choose(ops.VISUAL_EMBEDDING, kernel_device, *inputs, EPS, 0.1) is ve.visual_embedding
         fast = run(ops.visual_embedding, inputs, grad_out, 0.1)
     torch.manual_seed(5)
-    seed = int(torch.randint(0, 2**31 - 1, ()))
+    seed = int(draw_seed(kernel_device))
     assert_fp32_close(fast, run_reference(inputs, grad_out, 0.1, seed=seed))
 
 
@@ -289,11 +292,32 @@ def test_unsupported_cases(change, reason, kernel_device):
         ops.visual_embedding(*inputs, EPS, 0.0)
 
 
-def test_supports_rejects_autocast_and_empty_input(kernel_device):
+@pytest.mark.parametrize(("dtype", "atol_rel"), LOW_PRECISION)
+def test_autocast_matches_eager_autocast(dtype, atol_rel, kernel_device):
+    """fp32 inputs under autocast: both Linears in ``dtype``, the LayerNorms (and so the output)
+    in fp32 on CUDA and in ``dtype`` on the CPU, as eager autocast runs them there."""
+    inputs = make_inputs(4, 25, feat_dim=64, hidden=96, device=kernel_device)
+    out_dtype = torch.float32 if kernel_device.type == "cuda" else dtype
+    grad_out = torch.randn(4, 25, 96, device=kernel_device).to(out_dtype)
+    with torch.autocast(kernel_device.type, dtype=dtype):
+        assert ve.supports(*inputs, EPS, 0.1) is None
+        fast = run_fast(inputs, grad_out, 0.1)
+        ref_autocast = run_reference(inputs, grad_out, 0.1)
+    ref32 = run_reference(inputs, grad_out.float(), 0.1)
+    assert fast[0].dtype == out_dtype
+    assert_lowp_close(
+        fast, ref_autocast, [c.to(b.dtype) for b, c in zip(ref_autocast, ref32, strict=True)], atol_rel
+    )
+
+
+def test_supports_serves_autocast_rejects_empty_input(kernel_device):
     inputs = make_inputs(1, 2, feat_dim=8, hidden=96, device=kernel_device)
     assert ve.supports(*inputs, EPS, 0.1) is None
+    mixed = [*inputs[:9], inputs[9].half()]
+    assert "mixed dtypes" in ve.supports(*mixed, EPS, 0.1)
     with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
-        assert "autocast" in ve.supports(*inputs, EPS, 0.1)
+        # Autocast casts every input: mixed dtypes are its normal case.
+        assert ve.supports(*mixed, EPS, 0.1) is None
     empty = [inputs[0][:0], inputs[1][:0], *inputs[2:]]
     assert "no rows" in ve.supports(*empty, EPS, 0.1)
 

@@ -75,8 +75,10 @@ def compiled_step():
     return torch.compile(training_step, backend="aot_eager", fullgraph=True)
 
 
-def check_compiled_equals_eager(compiled_step, backend: str, device: torch.device) -> None:
-    config = lxmert_fast.LxmertConfig(**CONFIG)
+def check_compiled_equals_eager(
+    compiled_step, backend: str, device: torch.device, config: lxmert_fast.LxmertConfig | None = None
+) -> None:
+    config = config or lxmert_fast.LxmertConfig(**CONFIG)
     model = lxmert_fast.LxmertForPreTraining(config).to(device).train()
     model.lxmert.check_inputs = False  # train.py checks batches on the host
     inputs = step_inputs(config, device)
@@ -95,3 +97,16 @@ def check_compiled_equals_eager(compiled_step, backend: str, device: torch.devic
 
 def test_full_step_compiles_fullgraph_on_the_reference_ops(compiled_step):
     check_compiled_equals_eager(compiled_step, "reference", torch.device("cpu"))
+
+
+# Heads of 32 features: the smallest head size the fused cross-attention serves.
+FUSED = dict(CONFIG, hidden_size=64, num_attention_heads=2, intermediate_size=96)
+
+
+def test_full_step_compiles_fullgraph_on_the_fused_kernels(kernel_device):
+    # Every Triton kernel is a custom op whose seed is drawn on the device: the step with the
+    # fused kernels traces as one graph too, and equals its eager run under the same seed.
+    torch._dynamo.reset()
+    compiled = torch.compile(training_step, backend="aot_eager", fullgraph=True)
+    config = lxmert_fast.LxmertConfig(**FUSED)
+    check_compiled_equals_eager(compiled, "triton", kernel_device, config)

@@ -12,6 +12,20 @@ CONFIG_NAME = "config.json"
 
 # LXMERT uses this LayerNorm epsilon everywhere; transformers hard-codes it too (no config field).
 LAYER_NORM_EPS = 1e-12
+# Sizes that must be positive integers (a zero or negative size fails later deep inside torch).
+POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "num_qa_labels",
+    "num_object_labels",
+    "num_attr_labels",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "visual_feat_dim",
+    "visual_pos_dim",
+)
 
 
 @dataclass
@@ -60,13 +74,22 @@ class LxmertConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        for name in POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1], got {value!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size: expected a multiple of num_attention_heads={self.num_attention_heads}, "
                 f"got {self.hidden_size}"
             )
         for name in ("l_layers", "x_layers", "r_layers"):
-            if getattr(self, name) < 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative layer count, got {getattr(self, name)}")
         if self.hidden_act not in ("gelu",):
             raise ValueError(
@@ -116,14 +139,17 @@ class LxmertConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 values = json.load(f)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not a valid JSON config ({exc})") from exc
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
         model_type = values.get("model_type", "lxmert")
         if model_type != "lxmert":
             raise ValueError(f"{path}: model_type is {model_type!r}, expected 'lxmert'")
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> LxmertConfig:

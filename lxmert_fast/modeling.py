@@ -306,6 +306,12 @@ class LxmertModel(LxmertPreTrainedModel):
         else:
             check_tensor("inputs_embeds", inputs_embeds, ndim=3, last_dim=cfg.hidden_size, floating=True)
             batch, length = inputs_embeds.shape[:2]
+        words = "input_ids" if input_ids is not None else "inputs_embeds"
+        if length == 0:
+            raise ValueError(
+                f"{words}: expected at least one token per sentence ([CLS] ... [SEP]), got "
+                f"{describe(input_ids if input_ids is not None else inputs_embeds)}"
+            )
         if length > cfg.max_position_embeddings:
             raise ValueError(
                 f"input_ids: sequence length {length} exceeds max_position_embeddings={cfg.max_position_embeddings}"
@@ -321,6 +327,11 @@ class LxmertModel(LxmertPreTrainedModel):
                 f"visual_feats: expected batch size {batch} (as the language input), got {describe(visual_feats)}"
             )
         num_boxes = visual_feats.shape[1]
+        if num_boxes == 0:
+            raise ValueError(
+                f"visual_feats: expected at least one box per image (mask padding boxes with "
+                f"visual_attention_mask instead), got {describe(visual_feats)}"
+            )
         check_shape("visual_pos", visual_pos, (batch, num_boxes, cfg.visual_pos_dim))
         if attention_mask is not None:
             check_shape("attention_mask", attention_mask, (batch, length))
@@ -329,8 +340,16 @@ class LxmertModel(LxmertPreTrainedModel):
             check_shape("token_type_ids", token_type_ids, (batch, length))
         if visual_attention_mask is not None:
             check_shape("visual_attention_mask", visual_attention_mask, (batch, num_boxes))
-        if not self.check_inputs:
-            return
+        if self.check_inputs:
+            self.check_input_values(input_ids, token_type_ids, visual_pos)
+
+    def check_input_values(
+        self, input_ids: Tensor | None, token_type_ids: Tensor | None, visual_pos: Tensor
+    ) -> None:
+        """The value checks of the inputs: ids in the vocabulary, token types in range, boxes in
+        [0, 1] and not NaN. Host checks for CPU tensors, device assertions otherwise (see
+        :func:`~lxmert_fast.checks.check_values_in_range`); train.py runs them on each CPU batch."""
+        cfg = self.config
         if input_ids is not None:
             check_values_in_range(
                 "input_ids",
@@ -515,6 +534,10 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             output_hidden_states,
             return_dict=True,
         )
+        grid = tuple(base.vision_output.shape[:2])
+        self._check_labels(
+            tuple(base.language_output.shape[:2]), grid, labels, matched_label, ans, obj_labels
+        )
         if mlm_positions is not None:
             words, labelled = tuple(base.language_output.shape[:2]), None
             if labels is not None:
@@ -534,7 +557,6 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             losses["matched"] = masked_cross_entropy(match_scores, matched_label)
         if obj_labels is not None and cfg.task_obj_predict:
             predictions = self.obj_predict_head(base.vision_output, feat_positions)
-            grid = tuple(base.vision_output.shape[:2])
             losses.update(self.visual_losses(predictions, obj_labels, feat_positions, grid))
         if ans is not None and cfg.task_qa:
             losses["qa"] = masked_cross_entropy(answer_scores, ans)
@@ -558,6 +580,81 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             losses=losses if any_labels else None,
         )
         return out if return_dict else out.to_tuple()
+
+    def _check_labels(
+        self,
+        words: tuple[int, int],
+        grid: tuple[int, int],
+        labels: Tensor | None,
+        matched_label: Tensor | None,
+        ans: Tensor | None,
+        obj_labels: dict[str, tuple[Tensor, Tensor]] | None,
+    ) -> None:
+        """Label shapes against the batch: ``labels`` [B, T], ``matched_label`` and ``ans`` [B],
+        ``obj_labels`` entries ([B, N], [B, N]), ``"feat"`` ([B, N, feat_dim], [B, N]). A loss
+        flattens its labels, so a wrong shape would otherwise pair logits with the wrong rows.
+        With ``check_inputs`` also the values (:meth:`check_label_values`)."""
+        if labels is not None:
+            check_tensor("labels", labels, integer=True)
+            check_shape("labels", labels, words)
+        for name, t in (("matched_label", matched_label), ("ans", ans)):
+            if t is not None:
+                check_tensor(name, t, integer=True)
+                check_shape(name, t, words[:1])
+        if obj_labels is not None:
+            if not isinstance(obj_labels, dict):
+                raise TypeError(
+                    f"obj_labels: expected a dict {{key: (labels, weights)}}, got {type(obj_labels).__name__}"
+                )
+            for key, entry in obj_labels.items():
+                if not isinstance(entry, tuple | list) or len(entry) != 2:
+                    raise TypeError(
+                        f"obj_labels[{key!r}]: expected a (labels, weights) pair, got {entry!r:.80}"
+                    )
+                label, weight = entry
+                if key == "feat":
+                    check_tensor("obj_labels['feat'][0]", label, floating=True)
+                    check_shape("obj_labels['feat'][0]", label, (*grid, self.config.visual_feat_dim))
+                else:
+                    check_tensor(f"obj_labels[{key!r}][0]", label, integer=True)
+                    check_shape(f"obj_labels[{key!r}][0]", label, grid)
+                check_tensor(f"obj_labels[{key!r}][1]", weight)
+                check_shape(f"obj_labels[{key!r}][1]", weight, grid)
+        if self.lxmert.check_inputs:
+            self.check_label_values(labels, matched_label, ans, obj_labels)
+
+    def check_label_values(
+        self,
+        labels: Tensor | None = None,
+        matched_label: Tensor | None = None,
+        ans: Tensor | None = None,
+        obj_labels: dict[str, tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        """Class ids of the enabled tasks below their number of classes (negative ids are ignored
+        by the losses). Host checks for CPU tensors, device assertions otherwise; train.py runs
+        them on each CPU batch."""
+        cfg = self.config
+        checks = []
+        if cfg.task_mask_lm:
+            checks.append(("labels", labels, cfg.vocab_size))
+        if cfg.task_matched:
+            checks.append(("matched_label", matched_label, 2))
+        if cfg.task_qa:
+            checks.append(("ans", ans, cfg.num_qa_labels))
+        if cfg.task_obj_predict and obj_labels is not None:
+            for key, classes in (("obj", cfg.num_object_labels), ("attr", cfg.num_attr_labels)):
+                if key in visual_loss_specs(cfg) and key in obj_labels:
+                    checks.append((f"obj_labels[{key!r}][0]", obj_labels[key][0], classes))
+        for name, t, classes in checks:
+            if t is not None:
+                check_values_in_range(
+                    name,
+                    t,
+                    float("-inf"),
+                    classes,
+                    high_inclusive=False,
+                    expected=f"expected class ids in [0, {classes}) or negative (ignored)",
+                )
 
     def _check_positions(
         self, name: str, positions: Tensor, grid: tuple[int, int], needed: Tensor | None

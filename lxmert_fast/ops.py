@@ -176,6 +176,11 @@ def roi_feature_mask(
         check_probability(name, p)
     if p_zero + p_replace > 1.0 + 1e-9:
         raise ValueError(f"p_zero + p_replace: expected at most 1, got {p_zero} + {p_replace}")
+    for name, value in (("seed", seed), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int | torch.SymInt):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed: expected a 64-bit value in [-2**63, 2**64), got {seed}")
     if not 0 <= offset < 2**62:
         raise ValueError(f"offset: expected a non-negative 64-bit counter, got {offset}")
     args = (features, seed, offset, p_select, p_zero, p_replace)
@@ -199,8 +204,31 @@ def _register_fast_paths() -> None:
     importlib.import_module("lxmert_fast.roi_mask")
     if importlib.util.find_spec("triton") is None:
         return
+    _map_source_tree_kernels()
     for name in TRITON_KERNEL_MODULES:
         importlib.import_module(f"lxmert_fast.kernels.{name}")
+
+
+def _map_source_tree_kernels() -> None:
+    """Serve the source tree's top-level ``kernels/`` as ``lxmert_fast.kernels`` when the package
+    runs uninstalled (``PYTHONPATH=<repo>``): an install makes that mapping (setup.py's
+    ``package_dir``), a bare source tree has no ``lxmert_fast/kernels`` folder."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("lxmert_fast.kernels") is not None:
+        return
+    init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not init.is_file():
+        return
+    spec = importlib.util.spec_from_file_location(
+        "lxmert_fast.kernels", init, submodule_search_locations=[str(init.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    sys.modules["lxmert_fast"].kernels = module
 
 
 TRITON_KERNEL_MODULES = ("cross_attention", "residual_layer_norm", "visual_embedding")

@@ -107,3 +107,30 @@ def test_dispatcher_reference_and_auto_agree_on_cpu():
         ref, _ = ops.bidirectional_cross_attention(qkv, 4, 2, None, None)
     auto, _ = ops.bidirectional_cross_attention(qkv, 4, 2, None, None)
     assert torch.equal(ref, auto)
+
+
+def test_source_tree_without_install_serves_the_triton_kernels(tmp_path):
+    # PYTHONPATH=<a copy of the source tree>, with the editable install's finder removed: the
+    # top-level kernels/ must still import as lxmert_fast.kernels and register its fast paths.
+    pytest.importorskip("triton")
+    import shutil
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    for name in ("lxmert_fast", "kernels"):
+        shutil.copytree(repo / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "sys.path[:] = [p for p in sys.path if '__editable__' not in p]\n"
+        "import lxmert_fast, lxmert_fast.kernels.cross_attention as k\n"
+        "print(lxmert_fast.__file__)\nprint(k.__file__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    package, kernel = result.stdout.split()
+    assert package == str(tmp_path / "lxmert_fast" / "__init__.py")
+    assert kernel == str(tmp_path / "kernels" / "cross_attention.py")

@@ -1,6 +1,7 @@
 """Checkpoint formats: transformers directories, the authors' .pth layouts, strict loading."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -208,3 +209,48 @@ def test_config_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid JSON"):
         LxmertConfig.from_pretrained(tmp_path)
+
+
+def _damage(path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text("these are not weights\n")
+
+
+@pytest.mark.parametrize(
+    ("weights", "how", "message"),
+    [
+        ("model.safetensors", "truncated", "not a readable safetensors file"),
+        ("pytorch_model.bin", "truncated", "not a readable PyTorch checkpoint"),
+        ("Epoch20_LXRT.pth", "text", "not a readable PyTorch checkpoint"),
+    ],
+    ids=["truncated_safetensors", "truncated_bin", "text_pth"],
+)
+def test_unreadable_weights_name_the_file(tmp_path, pretraining, weights, how, message):
+    if weights == "model.safetensors":
+        pretraining.save_pretrained(tmp_path)
+    else:
+        torch.save(pretraining.state_dict(), tmp_path / weights)
+    _damage(tmp_path / weights, how)
+    target = tmp_path if weights != "Epoch20_LXRT.pth" else tmp_path / weights
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / weights}: {message}")):
+        LxmertForPreTraining.from_pretrained(target)
+
+
+def test_bad_config_and_shard_index_name_the_file(tmp_path, pretraining):
+    pretraining.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": -5}))
+    with pytest.raises(ValueError, match=r"config\.json: vocab_size: expected a positive integer, got -5"):
+        LxmertForPreTraining.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config)[:40])
+    with pytest.raises(ValueError, match=r"config\.json: not a valid JSON config \(.*line 1 column"):
+        LxmertForPreTraining.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text("")
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors\.index\.json: not a valid JSON shard index"
+    ):
+        LxmertForPreTraining.from_pretrained(tmp_path)

@@ -252,3 +252,99 @@ def test_synthetic_format_version(tmp_path):
     meta["format_version"] = 1  # a set written by an older generator (36 boxes, other file names)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     assert not is_current(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (
+            lambda item: item.update(img_h=0, img_w=0),
+            "expected a positive image size .* got img_h=0, img_w=0",
+        ),
+        (lambda item: item["boxes"].__setitem__((1, 2), np.nan), "field 'boxes' has 1 non-finite values"),
+        (
+            lambda item: item["features"].__setitem__((0, 0), np.inf),
+            "field 'features' has 1 non-finite values",
+        ),
+    ],
+    ids=["zero_size", "nan_box", "inf_feature"],
+)
+def test_tsv_rows_that_would_train_nan_name_file_and_line(tmp_path, corrupt, message):
+    items = make_items(3)
+    corrupt(items[1])
+    write_feature_tsv(tmp_path / "feats.tsv", items)
+    with pytest.raises(
+        FeatureFileError, match=rf"feats\.tsv:2: image 'COCO_val2014_000000000001': {message}"
+    ):
+        list(read_feature_tsv(tmp_path / "feats.tsv"))
+
+
+def test_dataset_rejects_a_store_image_of_zero_size(tmp_path):
+    # A store converted before the TSV check (or edited by hand): the dataset checks each image on
+    # the host, because train.py runs the model without its value checks.
+    from lxmert_fast.data import Example, PretrainDataset
+
+    write_feature_tsv(tmp_path / "a.tsv", make_items(2))
+    convert_tsv_to_store([tmp_path / "a.tsv"], tmp_path / "store")
+    index = json.loads((tmp_path / "store" / "index.json").read_text())
+    index["images"]["COCO_val2014_000000000001"][2:] = [0, 0]
+    (tmp_path / "store" / "index.json").write_text(json.dumps(index))
+    write_vocab(str(tmp_path / "vocab.txt"))
+    examples = [Example(f"u{i}", f"COCO_val2014_{i:012d}", "a red dog", "mscoco", None) for i in range(2)]
+    dataset = PretrainDataset(
+        examples, FeatureStore(tmp_path / "store"), WordPieceTokenizer(tmp_path / "vocab.txt")
+    )
+    assert dataset[0]["visual_pos"].isfinite().all()
+    with pytest.raises(
+        ValueError, match=r"image 'COCO_val2014_000000000001' in .*store: expected a positive image size"
+    ):
+        dataset[1]
+
+
+def test_pretrain_json_sentf_string_names_file_datum_and_key(tmp_path):
+    data = [
+        {"img_id": "a", "sentf": {"mscoco": ["a dog ."]}},
+        {"img_id": "b", "sentf": {"mscoco": "a dog ."}},
+    ]
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError,
+        match=r"p\.json: datum 1 \(b\): sentf\['mscoco'\] expected a list of sentence strings, got str",
+    ):
+        load_pretrain_json(tmp_path / "p.json")
+    with pytest.raises(ValueError, match=r"datum 1 \(b\): sentf\['mscoco'\] expected a list"):
+        build_examples(data, None)
+
+
+@pytest.mark.parametrize(
+    "content", ["", '[{"img_id": "a", "sentf": {"mscoco": ["a'], ids=["empty", "truncated"]
+)
+def test_empty_or_truncated_json_names_the_file(tmp_path, content):
+    for name in ("p.json", "all_ans.json"):
+        (tmp_path / name).write_text(content)
+    what = "empty file" if not content else "line 1 column"
+    with pytest.raises(ValueError, match=rf"p\.json: not valid JSON \({what}"):
+        load_pretrain_json(tmp_path / "p.json")
+    with pytest.raises(ValueError, match=rf"all_ans\.json: not valid JSON \({what}"):
+        AnswerTable.load(tmp_path / "all_ans.json")
+
+
+def test_empty_vocab_names_the_file(tmp_path):
+    (tmp_path / "vocab.txt").write_text("")
+    with pytest.raises(ValueError, match=r"vocab\.txt: special tokens .* missing .*the file is empty"):
+        WordPieceTokenizer(tmp_path / "vocab.txt")
+
+
+@pytest.mark.parametrize("damage", ["empty_index", "short_features"])
+def test_damaged_store_names_the_file(tmp_path, damage):
+    write_feature_tsv(tmp_path / "a.tsv", make_items(3))
+    convert_tsv_to_store([tmp_path / "a.tsv"], tmp_path / "store")
+    if damage == "empty_index":
+        (tmp_path / "store" / "index.json").write_text("")
+        with pytest.raises(ValueError, match=r"index\.json: not valid JSON \(empty file"):
+            FeatureStore(tmp_path / "store")
+        return
+    features = tmp_path / "store" / "features.bin"
+    features.write_bytes(features.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"features\.bin: 100 bytes, expected \d+ bytes .* truncated"):
+        FeatureStore(tmp_path / "store")["COCO_val2014_000000000000"]

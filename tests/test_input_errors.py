@@ -217,3 +217,85 @@ OP_CASES = [
 def test_ops_reject_bad_input(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def pretraining_labels(batch: int = 2, words: int = 6, boxes: int = 5) -> dict:
+    long = dict(dtype=torch.long)
+    return {
+        "labels": torch.full((batch, words), -1, **long),
+        "matched_label": torch.ones(batch, **long),
+        "ans": torch.zeros(batch, **long),
+        "obj_labels": {
+            "obj": (torch.zeros(batch, boxes, **long), torch.ones(batch, boxes)),
+            "attr": (torch.zeros(batch, boxes, **long), torch.ones(batch, boxes)),
+            "feat": (torch.zeros(batch, boxes, CONFIG.visual_feat_dim), torch.ones(batch, boxes)),
+        },
+    }
+
+
+LABEL_CASES = [
+    ("matched_label rows", lambda x: x.update(matched_label=torch.ones(3, dtype=torch.long)), r"matched_label: expected shape \[2\]"),
+    ("labels length", lambda x: x.update(labels=torch.full((2, 7), -1)), r"labels: expected shape \[2, 6\]"),
+    ("labels flat", lambda x: x.update(labels=torch.full((12,), -1)), r"labels: expected shape \[2, 6\]"),
+    ("ans column", lambda x: x.update(ans=torch.zeros(2, 1, dtype=torch.long)), r"ans: expected shape \[2\]"),
+    ("ans float", lambda x: x.update(ans=torch.zeros(2)), "ans: expected an integer tensor"),
+    ("obj boxes", lambda x: x["obj_labels"].update(obj=(torch.zeros(2, 6, dtype=torch.long), torch.ones(2, 6))), r"obj_labels\['obj'\]\[0\]: expected shape \[2, 5\]"),
+    ("attr weight", lambda x: x["obj_labels"].update(attr=(torch.zeros(2, 5, dtype=torch.long), torch.ones(10))), r"obj_labels\['attr'\]\[1\]: expected shape \[2, 5\]"),
+    ("feat width", lambda x: x["obj_labels"].update(feat=(torch.zeros(2, 5, 3), torch.ones(2, 5))), r"obj_labels\['feat'\]\[0\]: expected shape \[2, 5, 40\]"),
+    ("obj not a pair", lambda x: x["obj_labels"].update(obj=torch.zeros(2, 5, dtype=torch.long)), r"obj_labels\['obj'\]: expected a \(labels, weights\) pair"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pretraining_model():
+    return LxmertForPreTraining(CONFIG).eval()
+
+
+@pytest.mark.parametrize(("what", "corrupt", "message"), LABEL_CASES, ids=[c[0] for c in LABEL_CASES])
+def test_pretraining_label_shapes_are_checked_against_the_batch(pretraining_model, what, corrupt, message):
+    # A loss flattens its labels: without the check, 3 matched labels for 2 pairs (or MLM labels of
+    # another length) were reshaped against the logits and trained on scrambled rows.
+    labels = pretraining_labels()
+    corrupt(labels)
+    with pytest.raises((ValueError, TypeError), match=message):
+        pretraining_model(**good(), **labels)
+
+
+LABEL_VALUE_CASES = [
+    ("labels", lambda x: x["labels"].__setitem__((0, 1), 99), r"labels: expected class ids in \[0, 97\)"),
+    ("matched_label", lambda x: x["matched_label"].__setitem__(0, 2), r"matched_label: expected class ids in \[0, 2\)"),
+    ("ans", lambda x: x["ans"].__setitem__(1, 13), r"ans: expected class ids in \[0, 13\)"),
+    ("obj", lambda x: x["obj_labels"]["obj"][0].__setitem__((0, 0), 11), r"obj_labels\['obj'\]\[0\]: expected class ids in \[0, 11\)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("what", "corrupt", "message"), LABEL_VALUE_CASES, ids=[c[0] for c in LABEL_VALUE_CASES]
+)
+def test_pretraining_label_values_out_of_range_name_the_argument(pretraining_model, what, corrupt, message):
+    labels = pretraining_labels()
+    corrupt(labels)
+    with pytest.raises(ValueError, match=message + r" or negative \(ignored\), got values in"):
+        pretraining_model(**good(), **labels)
+
+
+@pytest.mark.parametrize(("words", "boxes", "message"), [(0, 5, "input_ids: expected at least one token"),
+                                                         (6, 0, "visual_feats: expected at least one box")])  # fmt: skip
+def test_zero_tokens_or_zero_boxes_are_a_clear_error(pretraining_model, words, boxes, message):
+    batch = make_batch(CONFIG, 2, words, boxes, False, False)
+    with pytest.raises(ValueError, match=message):
+        pretraining_model(**batch, **pretraining_labels(2, words, boxes))
+
+
+@pytest.mark.parametrize("seed", [1.5, "7", True])
+def test_roi_feature_mask_seed_of_another_type_names_the_argument(seed):
+    with pytest.raises(TypeError, match="seed: expected an int"):
+        ops.roi_feature_mask(torch.randn(2, 3, 4), seed)
+
+
+def test_roi_feature_mask_takes_every_64_bit_seed():
+    features = torch.randn(2, 3, 4)
+    for seed in (2**63, 2**64 - 1, -(2**63)):
+        ops.roi_feature_mask(features, seed)
+    with pytest.raises(ValueError, match=r"seed: expected a 64-bit value"):
+        ops.roi_feature_mask(features, 2**64)

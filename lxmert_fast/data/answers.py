@@ -8,9 +8,10 @@ optional dataset filter) is its class id. Raw answers in the data are normalised
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
+
+from lxmert_fast.data.jsonfile import read_json
 
 ANSWER_CONVERSIONS = {
     "a man": "man",
@@ -65,8 +66,7 @@ class AnswerTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike, dsets: Iterable[str] | None = None) -> AnswerTable:
-        with open(path) as f:
-            entries = json.load(f)
+        entries = read_json(path)
         if not isinstance(entries, list):
             raise ValueError(
                 f"{path}: expected a JSON list of {{'ans', 'dsets'}}, got {type(entries).__name__}"

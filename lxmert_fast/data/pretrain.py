@@ -13,7 +13,6 @@ runs on the device (:func:`lxmert_fast.pretraining.mask_objects`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from lxmert_fast.data.answers import AnswerTable
+from lxmert_fast.data.jsonfile import read_json
 from lxmert_fast.data.store import FeatureStore
 from lxmert_fast.data.tokenization import WordPieceTokenizer
 
@@ -45,21 +45,43 @@ def load_pretrain_json(paths: str | os.PathLike | Iterable[str | os.PathLike]) -
         paths = [paths]
     data = []
     for path in paths:
-        with open(path) as f:
-            part = json.load(f)
+        part = read_json(path)
         if not isinstance(part, list):
             raise ValueError(f"{path}: expected a JSON list of data, got {type(part).__name__}")
         for i, datum in enumerate(part):
-            if not isinstance(datum, dict) or "img_id" not in datum or "sentf" not in datum:
-                raise ValueError(f"{path}: datum {i} lacks 'img_id' or 'sentf'")
-            for source, labels in datum.get("labelf", {}).items():
-                if len(labels) != len(datum["sentf"].get(source, [])):
-                    raise ValueError(
-                        f"{path}: datum {i} ({datum['img_id']}): labelf[{source!r}] has {len(labels)} "
-                        f"entries, sentf[{source!r}] {len(datum['sentf'].get(source, []))}"
-                    )
+            check_datum(datum, f"{path}: datum {i}")
         data.extend(part)
     return data
+
+
+def check_datum(datum: object, where: str) -> None:
+    """One datum of the authors' format: ``img_id`` a string, ``sentf`` {source: [sentence, ...]},
+    ``labelf`` {source: [{answer: score}, ...]} aligned with ``sentf``. A string where a list
+    belongs would otherwise make each character a sentence."""
+    if not isinstance(datum, dict) or "img_id" not in datum or "sentf" not in datum:
+        raise ValueError(f"{where} lacks 'img_id' or 'sentf'")
+    where = f"{where} ({datum['img_id']})"
+    if not isinstance(datum["img_id"], str):
+        raise ValueError(f"{where}: 'img_id' expected a string, got {type(datum['img_id']).__name__}")
+    sentf, labelf = datum["sentf"], datum.get("labelf", {})
+    for key, value in (("sentf", sentf), ("labelf", labelf)):
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"{where}: {key!r} expected an object {{source: [...]}}, got {type(value).__name__}"
+            )
+    for source, sents in sentf.items():
+        if not isinstance(sents, list) or not all(isinstance(s, str) for s in sents):
+            got = type(sents).__name__ if not isinstance(sents, list) else "a list with non-strings"
+            raise ValueError(f"{where}: sentf[{source!r}] expected a list of sentence strings, got {got}")
+    for source, labels in labelf.items():
+        if not isinstance(labels, list) or not all(isinstance(label, dict) for label in labels):
+            got = type(labels).__name__ if not isinstance(labels, list) else "a list with non-objects"
+            raise ValueError(f"{where}: labelf[{source!r}] expected a list of {{answer: score}}, got {got}")
+        if len(labels) != len(sentf.get(source, [])):
+            raise ValueError(
+                f"{where}: labelf[{source!r}] has {len(labels)} entries, sentf[{source!r}] "
+                f"{len(sentf.get(source, []))}"
+            )
 
 
 def build_examples(
@@ -74,13 +96,18 @@ def build_examples(
     """
     keep_images = None if image_ids is None else set(image_ids)
     examples = []
-    for datum in data:
+    for i, datum in enumerate(data):
         img_id = datum["img_id"]
         if keep_images is not None and img_id not in keep_images:
             continue
         for source, sents in datum["sentf"].items():
             if sources is not None and source not in sources:
                 continue
+            if not isinstance(sents, list):
+                raise ValueError(
+                    f"datum {i} ({img_id}): sentf[{source!r}] expected a list of sentence strings, "
+                    f"got {type(sents).__name__}"
+                )
             labels = datum.get("labelf", {}).get(source)
             for k, sent in enumerate(sents):
                 label = None
@@ -155,6 +182,18 @@ class PretrainDataset(Dataset):
     def _image(self, img_id: str) -> dict[str, torch.Tensor]:
         item = self.store[img_id]
         n = min(item["num_boxes"], self.num_boxes)
+        # The model's own box check is off in training (train.py), and a zero image size or a
+        # NaN box would make the normalised boxes NaN/Inf: checked here, per image, on the host.
+        if item["img_h"] <= 0 or item["img_w"] <= 0:
+            raise ValueError(
+                f"image {img_id!r} in {self.store.directory}: expected a positive image size (boxes are "
+                f"divided by it), got img_h={item['img_h']}, img_w={item['img_w']}"
+            )
+        if not np.isfinite(item["boxes"][:n]).all():
+            raise ValueError(
+                f"image {img_id!r} in {self.store.directory}: boxes hold NaN or Inf, expected finite "
+                "pixel coordinates"
+            )
         size = np.array([item["img_w"], item["img_h"], item["img_w"], item["img_h"]], np.float32)
         feats = np.zeros((self.num_boxes, item["features"].shape[1]), np.float32)
         boxes = np.zeros((self.num_boxes, 4), np.float32)

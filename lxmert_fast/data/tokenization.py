@@ -19,17 +19,26 @@ class WordPieceTokenizer:
         from tokenizers import BertWordPieceTokenizer
 
         self.vocab_path = os.fspath(vocab_path)
-        with open(self.vocab_path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
+        try:
+            with open(self.vocab_path, encoding="utf-8") as f:
+                lines = [line.rstrip("\n") for line in f]
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{self.vocab_path}: not a UTF-8 vocab.txt ({exc})") from exc
+        # Checked before the tokenizers library sees the file: it reports an empty or cut-off
+        # vocabulary as "sep_token not found", without the path.
+        missing = [t for t in SPECIAL_TOKENS if t not in set(lines)]
+        if missing:
+            what = "the file is empty" if not any(lines) else f"{len(lines)} lines"
+            raise ValueError(
+                f"{self.vocab_path}: special tokens {missing} missing from the vocabulary ({what}); "
+                "expected a BERT vocab.txt, one word piece per line"
+            )
         self._tok = BertWordPieceTokenizer(self.vocab_path, lowercase=lowercase)
         vocab = self._tok.get_vocab()
         if len(vocab) != len(set(lines)):
             raise ValueError(
                 f"{self.vocab_path}: tokenizer loaded {len(vocab)} entries, the file has {len(set(lines))}"
             )
-        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
-        if missing:
-            raise ValueError(f"{self.vocab_path}: special tokens {missing} missing from the vocabulary")
         self.vocab = vocab
         self.ids_to_tokens = {i: t for t, i in vocab.items()}
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (vocab[t] for t in SPECIAL_TOKENS)

@@ -8,7 +8,8 @@ Array fields are base64 of raw little-endian bytes: ids int64 ``[n]``, confidenc
 ``[n]``, boxes float32 ``[n, 4]`` in pixels (x1, y1, x2, y2), features float32 ``[n, D]``
 (D = 2048 for the authors' Faster R-CNN; any D is read, inferred from the byte count).
 A row is ~400 KB of text, so the csv field size limit is raised. A truncated or corrupted
-row raises :class:`FeatureFileError` naming the file and the line.
+row, a non-positive image size or a NaN/Inf box, feature or confidence raises
+:class:`FeatureFileError` naming the file and the line.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ ARRAY_FIELDS = (
 
 
 class FeatureFileError(ValueError):
-    """A feature TSV row that cannot be decoded; the message names the file and the line."""
+    """A feature TSV row that cannot be decoded or holds unusable values; the message names the
+    file and the line."""
 
 
 def _raise_field_size_limit() -> None:
@@ -100,7 +102,25 @@ def _decode_row(row: dict[str, Any], where: str) -> dict[str, Any]:
             )
         array = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
         item[name] = array.reshape(n, width) if name in ("boxes", "features") else array
+    _check_values(item, where)
     return item
+
+
+def _check_values(item: dict[str, Any], where: str) -> None:
+    """Values the loaders divide by or feed to the model: a zero image size or a NaN box turns
+    every box of the image into NaN/Inf, and the training loss with it."""
+    if item["img_h"] <= 0 or item["img_w"] <= 0:
+        raise FeatureFileError(
+            f"{where}: image {item['img_id']!r}: expected a positive image size (boxes are divided by "
+            f"it), got img_h={item['img_h']}, img_w={item['img_w']}"
+        )
+    for name in ("boxes", "features", "objects_conf", "attrs_conf"):
+        bad = ~np.isfinite(item[name])
+        if bad.any():
+            raise FeatureFileError(
+                f"{where}: image {item['img_id']!r}: field {name!r} has {int(bad.sum())} non-finite "
+                f"values (NaN or Inf), expected finite numbers"
+            )
 
 
 def read_feature_tsv(path: str | os.PathLike, limit: int | None = None) -> Iterator[dict[str, Any]]:

@@ -37,7 +37,8 @@ TIED_SOURCE = "lxmert.embeddings.word_embeddings.weight"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped key."""
+    """A checkpoint that cannot be read (the message names the file and what is wrong) or does not
+    fit the model (the message lists every missing, unexpected and mis-shaped key)."""
 
 
 _AUTHORS_PREFIXES = (
@@ -121,6 +122,26 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Lxmer
     return LxmertConfig(**values)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else '(no message)'}"
+
+
+def _index_shards(path: str) -> list[str]:
+    """The shard file names of a ``model.safetensors.index.json``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a valid JSON shard index ({exc})") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(
+            f"{path}: expected a JSON object with a 'weight_map' of {{tensor name: shard file}}"
+        )
+    return sorted(set(weight_map.values()))
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a weights file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``) or directory."""
     path = os.fspath(path)
@@ -134,17 +155,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
     if path.endswith(".index.json"):
-        with open(path, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
         merged: dict[str, torch.Tensor] = {}
-        for shard in shards:
+        for shard in _index_shards(path):
             merged.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
         return merged
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file (truncated or corrupted?): {_first_line(exc)}"
+            ) from exc
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises RuntimeError, EOFError, UnpicklingError, KeyError, ...
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated, corrupted, or not written by "
+            f"torch.save): {_first_line(exc)}"
+        ) from exc
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

@@ -29,7 +29,8 @@ Layouts and dtypes
     ``tl.dot`` is silently wrong), after the same rounding as on the GPU.
 
 Saved for backward
-    ``qkv``, the context, and two fp32 numbers per query row and head: the row maximum ``m``
+    ``qkv``, the biases, the seed tensor, the context, and two fp32 numbers per query row and head:
+    the row maximum ``m``
     (0 for a row whose every score is ``-inf``) and ``1 / sum exp(s - m)`` (0 for such a row).
     Not probabilities, not masks. One log-sum-exp would not do: with a finite ``finfo.min`` mask,
     ``m ~ -3.4e38`` absorbs ``log(sum)`` and the backward would rebuild P = 1 instead of the
@@ -37,14 +38,29 @@ Saved for backward
 
 Dropout randomness
     On the attention probabilities, regenerated in the backward, never stored. Philox4x32-10
-    keyed by ``seed`` (the project's convention, :mod:`lxmert_fast.philox`): probability
+    keyed by the seed, a 32-bit key (the project's convention, :mod:`lxmert_fast.philox`, for
+    seeds below 2**32; drawn seeds are below 2**31): probability
     (batch b, head h, query i, key j) of direction ``dir`` (0 = language queries, 1 = vision
     queries) uses counter ``offset + (b*heads + h) * 2*L*V + dir*L*V + i*K + j`` with ``K`` the key
     count of that direction (V, resp. L), and is dropped when the first word ``>> 8`` is below
     ``floor(p * 2**24)`` (``reference.probability_threshold``). :func:`dropout_keep_masks`
-    exports those masks through the same ``@triton.jit`` helpers for tests. The dispatcher's entry
-    point draws a fresh seed from torch's default CPU generator (``torch.manual_seed`` reproduces
-    runs, no CUDA sync) with offset 0.
+    exports those masks through the same ``@triton.jit`` helpers for tests. The seed comes from
+    device state, never from the host: the dispatcher's entry point draws it per call with
+    :func:`lxmert_fast.philox.draw_seed` (an int64 [1] tensor from the generator of qkv's
+    device) and the kernels ``tl.load`` it from ``seed_ptr`` (only under ``DROPOUT``), so there is
+    no host sync, each replay of a captured CUDA graph draws fresh masks, and
+    ``torch.manual_seed`` reproduces eager and compiled runs alike. The offset is 0 there; it
+    stays a plain int kernel argument, ``do_not_specialize`` so that a new value compiles nothing.
+
+Registration
+    ``lxmert_fast::cross_attention_fwd`` (-> context, row_max, row_inv_sum) and
+    ``lxmert_fast::cross_attention_bwd`` (-> d(qkv)) are ``torch.library.custom_op``s with fake
+    kernels; the forward's ``register_autograd`` calls the backward op, so
+    ``torch.compile(fullgraph=True)`` sees two opaque ops and no graph break. Their arguments are
+    tensors and primitives (the launch plan is rebuilt inside each op). ``triton_op`` would let
+    inductor see the kernels on CUDA, but it does not run under the interpreter (DESIGN.md §6).
+    :func:`cross_attention`, the dispatcher's fast path, draws the seed, casts the biases and
+    calls the forward op.
 
 Backward
     One launch, no atomics, deterministic: grid axis 1 enumerates dK/dV programs (one per key block of
@@ -57,14 +73,16 @@ Backward
 
 Specialisations
     Block sizes depend on the dtype only (``_block_config``: 64 x 64 for half inputs, 32 x 32 for
-    fp32; 8 warps at head_dim 128, else 4), head_dim and dropout are constexprs; the presence of each bias is a runtime length, so
-    ``sm90_variants()`` lists 3 dtypes x 3 head_dims x 2 dropout flags x (fwd, bwd) plus the
-    test-only mask export.
+    fp32; 8 warps at head_dim 128, else 4), head_dim and dropout are constexprs; the presence of
+    each bias is a runtime length, so ``sm90_variants()`` lists 3 dtypes x 3 head_dims x 2 dropout
+    flags x (fwd, bwd) plus the test-only mask export. ``seed_ptr`` is the int64 seed tensor with
+    dropout and qkv (never read) without, as an absent bias passes qkv.
 
 Not supported (``supports`` says why): head_dim outside {32, 64, 128}, fp64, last-dim stride of
 qkv != 1, biases that require grad, CPU tensors unless ``TRITON_INTERPRET=1`` at import.
 
-Hazards and how they are tested (tests/test_cross_attention_kernel.py)
+Hazards and how they are tested (tests/test_cross_attention_kernel.py; registration, fullgraph
+compile and fresh masks per compiled call in tests/test_cross_attention_op.py)
     * Fully masked rows: ``-inf`` everywhere gives a zero context and zero gradients, never NaN
       (the max is replaced by 0 before the exponentials, the sum guarded); a finite ``finfo.min``
       gives uniform attention, as the reference. Bias is added after scaling and exponentials use
@@ -91,6 +109,7 @@ import triton.language as tl
 from lxmert_fast import ops
 from lxmert_fast.backend import register_fast_path
 from lxmert_fast.kernels.sm90 import KernelVariant
+from lxmert_fast.philox import draw_seed, seed_tensor
 from lxmert_fast.reference import probability_threshold
 
 Tensor = torch.Tensor
@@ -126,6 +145,23 @@ def _dropout_keep(seed, drop_base, q_idx, k_idx, k_len, drop_threshold):
 
 
 @triton.jit
+def _load_seed(seed_ptr):
+    """The Philox key of this call, loaded from the int64 [1] seed tensor.
+
+    Loaded, not passed by value: drawn on the device per call, so a captured graph replays fresh.
+    Its low 32 bits, unsigned (seeds are drawn below 2**31, ``philox.SEED_BOUND``; explicit ones
+    are checked below 2**32), give exactly the stream of the same int seed with a constant 0 high
+    key word. How it is loaded is a register-pressure workaround, measured with the sm_90 compile
+    check (2026-12-01, triton 3.9) on the half-precision d64 backward with dropout (LXMERT's; no
+    spill with the by-value seed): loaded once, an int64 key spilled 22 words and a 32-bit key 50;
+    loaded at each use, 14 and 0. Volatile keeps the load at its use (the compiler hoists a plain
+    one). So the backward loads at each use and the forward once (at each use, the fp32 d128
+    forward spilled 86 words).
+    """
+    return tl.load(seed_ptr, volatile=True).to(tl.uint32)
+
+
+@triton.jit
 def _key_bias(
     lang_bias_ptr,  # [B, L], read iff lang_bias_len > 0
     stride_lb_b,
@@ -154,7 +190,7 @@ def _key_bias(
     return tl.where(offs_k < k_len, 0.0, float("-inf")) + vb.to(tl.float32) + lb.to(tl.float32)
 
 
-@triton.jit(do_not_specialize=["seed", "drop_offset"])
+@triton.jit(do_not_specialize=["drop_offset"])
 def _cross_attention_fwd_kernel(
     qkv_ptr,  # [B, L+V, 3*hidden], last-dim stride 1
     stride_qkv_b,
@@ -176,7 +212,7 @@ def _cross_attention_fwd_kernel(
     vis_len,
     num_heads,
     sm_scale,
-    seed,
+    seed_ptr,  # [1] int64 Philox key, read iff DROPOUT
     drop_offset,
     drop_threshold,
     drop_scale,
@@ -206,6 +242,7 @@ def _cross_attention_fwd_kernel(
     m_mask = offs_m < q_len
     head_cols = h * HEAD_DIM + offs_d
     qkv_batch = qkv_ptr + b * stride_qkv_b
+    seed = _load_seed(seed_ptr) if DROPOUT else 0
 
     q = tl.load(
         qkv_batch + (q_start + offs_m)[:, None] * stride_qkv_t + head_cols[None, :],
@@ -312,7 +349,7 @@ def _bwd_query_rows(
     return q.to(DOT_DTYPE), do.to(DOT_DTYPE), delta, row_max, row_inv_sum
 
 
-@triton.jit(do_not_specialize=["seed", "drop_offset"])
+@triton.jit(do_not_specialize=["drop_offset"])
 def _cross_attention_bwd_kernel(
     qkv_ptr,  # [B, L+V, 3*hidden], last-dim stride 1
     stride_qkv_b,
@@ -340,7 +377,7 @@ def _cross_attention_bwd_kernel(
     vis_len,
     num_heads,
     sm_scale,
-    seed,
+    seed_ptr,  # [1] int64 Philox key, read iff DROPOUT
     drop_offset,
     drop_threshold,
     drop_scale,
@@ -423,7 +460,7 @@ def _cross_attention_bwd_kernel(
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             if DROPOUT:
                 keep_t = _dropout_keep(
-                    seed, drop_base, offs_m[None, :], offs_n[:, None], k_len, drop_threshold
+                    _load_seed(seed_ptr), drop_base, offs_m[None, :], offs_n[:, None], k_len, drop_threshold
                 )
                 p_kept_t = tl.where(keep_t, p_t * drop_scale, 0.0)
                 dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
@@ -501,7 +538,9 @@ def _cross_attention_bwd_kernel(
             p = tl.exp(s - row_max[:, None]) * row_inv_sum[:, None]
             dp = tl.dot(do, tl.trans(v.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, drop_base, offs_m[:, None], offs_n[None, :], k_len, drop_threshold)
+                keep = _dropout_keep(
+                    _load_seed(seed_ptr), drop_base, offs_m[:, None], offs_n[None, :], k_len, drop_threshold
+                )
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(io_dtype).to(DOT_DTYPE), k, input_precision=DOT_PRECISION)
@@ -512,13 +551,13 @@ def _cross_attention_bwd_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["seed", "drop_offset"])
+@triton.jit(do_not_specialize=["drop_offset"])
 def _dropout_keep_masks_kernel(
     lang_keep_ptr,  # [B, heads, L, V] uint8, contiguous
     vis_keep_ptr,  # [B, heads, V, L] uint8, contiguous
     lang_len,
     vis_len,
-    seed,
+    seed_ptr,  # [1] int64 Philox key
     drop_offset,
     drop_threshold,
     BLOCK_M: tl.constexpr,
@@ -531,6 +570,7 @@ def _dropout_keep_masks_kernel(
     q_block = tl.where(lang_queries, pid_m, pid_m - n_lang_blocks)
     _, q_len, _, k_len, drop_base = _direction(lang_queries, lang_len, vis_len, pid_bh, drop_offset)
     offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed = _load_seed(seed_ptr)
     for start_n in range(0, k_len, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         keep = _dropout_keep(seed, drop_base, offs_m[:, None], offs_n[None, :], k_len, drop_threshold)
@@ -545,7 +585,8 @@ def _dropout_keep_masks_kernel(
 
 @dataclass(frozen=True)
 class _Plan:
-    """Launch parameters shared by the forward and the backward of one call."""
+    """Launch parameters shared by the forward and the backward of one call (rebuilt inside each
+    custom op from its primitive arguments: an op's schema cannot carry a dataclass)."""
 
     lang_len: int
     vis_len: int
@@ -557,7 +598,6 @@ class _Plan:
     dot_dtype: tl.dtype
     dot_precision: str
     dropout: bool
-    seed: int
     offset: int
     threshold: int
     drop_scale: float
@@ -579,17 +619,13 @@ def _block_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return 64, 64, num_warps
 
 
-def _plan(
-    qkv: Tensor, lang_len: int, num_heads: int, dropout_p: float, seed: int | None, offset: int
-) -> _Plan:
+def _plan(qkv: Tensor, lang_len: int, num_heads: int, dropout_p: float, offset: int) -> _Plan:
     head_dim = qkv.shape[-1] // (3 * num_heads)
     block_m, block_n, num_warps = _block_config(head_dim, qkv.dtype)
     # bf16 tl.dot is silently wrong under the interpreter: upcast its operands there.
     interpreted = qkv.device.type != "cuda"
     upcast = qkv.dtype == torch.float32 or (interpreted and qkv.dtype == torch.bfloat16)
     dropout = dropout_p > 0.0
-    if dropout and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()))
     return _Plan(
         lang_len=lang_len,
         vis_len=qkv.shape[1] - lang_len,
@@ -601,7 +637,6 @@ def _plan(
         dot_dtype=tl.float32 if upcast else _TRITON_DTYPES[qkv.dtype],
         dot_precision="ieee" if upcast else "tf32",
         dropout=dropout,
-        seed=seed if dropout else 0,
         offset=offset if dropout else 0,
         threshold=probability_threshold(dropout_p) if dropout else 0,
         drop_scale=1.0 / (1.0 - dropout_p) if 0.0 < dropout_p < 1.0 else 0.0,
@@ -616,13 +651,24 @@ def _bias_args(bias: Tensor | None, qkv: Tensor) -> tuple[Tensor, int, int, int]
     return bias, bias.stride(0), bias.stride(1), bias.shape[1]
 
 
-def _common_args(plan: _Plan) -> tuple:
+def _explicit_seed(seed: int | Tensor, device: torch.device) -> Tensor:
+    """A given seed as the kernels' int64 [1] tensor. The kernels key Philox with its low 32 bits
+    (``_load_seed``), so an int must lie below 2**32 to key the documented stream."""
+    if not isinstance(seed, Tensor) and not 0 <= seed < 2**32:
+        raise ValueError(f"seed: expected 0 <= seed < 2**32 (a 32-bit Philox key), got {seed}")
+    return seed_tensor(seed, device)
+
+
+def _common_args(plan: _Plan, seed: Tensor | None, qkv: Tensor) -> tuple:
+    """The scalars of every launch; without dropout qkv is the never-read seed pointer."""
+    if plan.dropout and seed is None:
+        raise ValueError("seed: dropout_p > 0 needs the int64 [1] seed tensor")
     return (
         plan.lang_len,
         plan.vis_len,
         plan.num_heads,
         plan.head_dim**-0.5,
-        plan.seed,
+        seed if plan.dropout else qkv,
         plan.offset,
         plan.threshold,
         plan.drop_scale,
@@ -642,12 +688,14 @@ def _constexprs(plan: _Plan) -> dict:
 
 
 def _forward(
-    qkv: Tensor, lang_bias: Tensor | None, visual_bias: Tensor | None, plan: _Plan
+    qkv: Tensor, lang_bias: Tensor | None, visual_bias: Tensor | None, seed: Tensor | None, plan: _Plan
 ) -> tuple[Tensor, Tensor, Tensor]:
     batch, total, _ = qkv.shape
     hidden = plan.num_heads * plan.head_dim
     out = torch.empty((batch, total, hidden), dtype=qkv.dtype, device=qkv.device)
-    stats = torch.empty((2, batch, plan.num_heads, total), dtype=torch.float32, device=qkv.device)
+    # Two allocations, not views of one: a custom op's outputs must not alias each other.
+    row_max = torch.empty((batch, plan.num_heads, total), dtype=torch.float32, device=qkv.device)
+    row_inv_sum = torch.empty_like(row_max)
     grid = (
         batch * plan.num_heads,
         triton.cdiv(plan.lang_len, plan.block_m) + triton.cdiv(plan.vis_len, plan.block_m),
@@ -661,18 +709,19 @@ def _forward(
         out,
         out.stride(0),
         out.stride(1),
-        stats[0],
-        stats[1],
-        *_common_args(plan),
+        row_max,
+        row_inv_sum,
+        *_common_args(plan, seed, qkv),
         **_constexprs(plan),
     )
-    return out, stats[0], stats[1]
+    return out, row_max, row_inv_sum
 
 
 def _backward(
     qkv: Tensor,
     lang_bias: Tensor | None,
     visual_bias: Tensor | None,
+    seed: Tensor | None,
     out: Tensor,
     dout: Tensor,
     row_max: Tensor,
@@ -707,36 +756,87 @@ def _backward(
         dqkv.stride(1),
         row_max,
         row_inv_sum,
-        *_common_args(plan),
+        *_common_args(plan, seed, qkv),
         **_constexprs(plan),
     )
     return dqkv
 
 
-class CrossAttentionFunction(torch.autograd.Function):
-    """Autograd of the fused cross-attention; gradients flow to ``qkv`` only (biases get None)."""
+@torch.library.custom_op("lxmert_fast::cross_attention_fwd", mutates_args=())
+def cross_attention_fwd(
+    qkv: Tensor,
+    lang_bias: Tensor | None,
+    visual_bias: Tensor | None,
+    seed: Tensor | None,
+    lang_len: int,
+    num_heads: int,
+    dropout_p: float,
+    offset: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(context [B, L+V, hidden], row_max, row_inv_sum [B, heads, L+V] fp32) of the fused kernel.
 
-    @staticmethod
-    def forward(
-        ctx,
-        qkv: Tensor,
-        lang_bias: Tensor | None,
-        visual_bias: Tensor | None,
-        plan: _Plan,
-    ) -> Tensor:
-        lang_bias = None if lang_bias is None else lang_bias.to(qkv.dtype)
-        visual_bias = None if visual_bias is None else visual_bias.to(qkv.dtype)
-        out, row_max, row_inv_sum = _forward(qkv, lang_bias, visual_bias, plan)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(qkv, lang_bias, visual_bias, out, row_max, row_inv_sum)
-        ctx.plan = plan
-        return out
+    Biases in the qkv dtype (``cross_attention`` casts them); ``seed`` the int64 [1] tensor the
+    kernels load, required when ``dropout_p > 0`` and unused otherwise.
+    """
+    plan = _plan(qkv, lang_len, num_heads, dropout_p, offset)
+    return _forward(qkv, lang_bias, visual_bias, seed, plan)
 
-    @staticmethod
-    def backward(ctx, dout: Tensor) -> tuple[Tensor, None, None, None]:
-        qkv, lang_bias, visual_bias, out, row_max, row_inv_sum = ctx.saved_tensors
-        dqkv = _backward(qkv, lang_bias, visual_bias, out, dout, row_max, row_inv_sum, ctx.plan)
-        return dqkv, None, None, None
+
+@cross_attention_fwd.register_fake
+def _cross_attention_fwd_fake(qkv, lang_bias, visual_bias, seed, lang_len, num_heads, dropout_p, offset):
+    batch, total, width = qkv.shape
+    row_max = qkv.new_empty((batch, num_heads, total), dtype=torch.float32)
+    return qkv.new_empty((batch, total, width // 3)), row_max, torch.empty_like(row_max)
+
+
+@torch.library.custom_op("lxmert_fast::cross_attention_bwd", mutates_args=())
+def cross_attention_bwd(
+    qkv: Tensor,
+    lang_bias: Tensor | None,
+    visual_bias: Tensor | None,
+    seed: Tensor | None,
+    out: Tensor,
+    dout: Tensor,
+    row_max: Tensor,
+    row_inv_sum: Tensor,
+    lang_len: int,
+    num_heads: int,
+    dropout_p: float,
+    offset: int,
+) -> Tensor:
+    """d(qkv) [B, L+V, 3*hidden] (contiguous) from the forward's inputs, outputs and dO; the
+    dropout masks are regenerated from (seed, offset)."""
+    plan = _plan(qkv, lang_len, num_heads, dropout_p, offset)
+    return _backward(qkv, lang_bias, visual_bias, seed, out, dout, row_max, row_inv_sum, plan)
+
+
+@cross_attention_bwd.register_fake
+def _cross_attention_bwd_fake(
+    qkv, lang_bias, visual_bias, seed, out, dout, row_max, row_inv_sum, lang_len, num_heads, dropout_p, offset
+):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    qkv, lang_bias, visual_bias, seed, lang_len, num_heads, dropout_p, offset = inputs
+    out, row_max, row_inv_sum = output
+    ctx.mark_non_differentiable(row_max, row_inv_sum)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the statistics
+    ctx.save_for_backward(qkv, lang_bias, visual_bias, seed, out, row_max, row_inv_sum)
+    ctx.launch = (lang_len, num_heads, dropout_p, offset)
+
+
+def _backward_of_fwd(ctx, dout: Tensor, _drow_max: Tensor, _drow_inv_sum: Tensor) -> tuple:
+    """Gradients flow to qkv only: biases get None (``supports`` rejects biases that require
+    grad), and the softmax statistics are non-differentiable (their incoming grads are ignored)."""
+    qkv, lang_bias, visual_bias, seed, out, row_max, row_inv_sum = ctx.saved_tensors
+    dqkv = cross_attention_bwd(
+        qkv, lang_bias, visual_bias, seed, out, dout, row_max, row_inv_sum, *ctx.launch
+    )
+    return dqkv, None, None, None, None, None, None, None
+
+
+cross_attention_fwd.register_autograd(_backward_of_fwd, setup_context=_setup_context)
 
 
 def cross_attention(
@@ -747,16 +847,26 @@ def cross_attention(
     visual_bias: Tensor | None,
     dropout_p: float = 0.0,
     *,
-    seed: int | None = None,
+    seed: int | Tensor | None = None,
     offset: int = 0,
 ) -> Tensor:
     """Context [B, L+V, hidden] of both directions (the fast path of ``ops.CROSS_ATTENTION``).
 
     ``dropout_p > 0`` means training: probabilities are dropped with a Philox stream keyed by
-    ``seed`` (drawn from torch's default CPU generator when None) from counter ``offset``.
+    ``seed`` from counter ``offset``. Without a ``seed`` a fresh one is drawn on qkv's device
+    (:func:`lxmert_fast.philox.draw_seed`: no host sync, fresh in every CUDA-graph replay,
+    reproduced by ``torch.manual_seed``); an int (below 2**32) or tensor seed is used as given.
     """
-    plan = _plan(qkv, lang_len, num_heads, dropout_p, seed, offset)
-    return CrossAttentionFunction.apply(qkv, lang_bias, visual_bias, plan)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0:
+        seed = draw_seed(qkv.device) if seed is None else _explicit_seed(seed, qkv.device)
+    else:
+        seed, offset = None, 0
+    # Cast as the reference casts (an fp32 finfo.min becomes -inf in half precision).
+    lang_bias = None if lang_bias is None else lang_bias.to(qkv.dtype)
+    visual_bias = None if visual_bias is None else visual_bias.to(qkv.dtype)
+    out, _, _ = cross_attention_fwd(qkv, lang_bias, visual_bias, seed, lang_len, num_heads, dropout_p, offset)
+    return out
 
 
 def supports(
@@ -784,7 +894,7 @@ def supports(
 
 
 def dropout_keep_masks(
-    seed: int,
+    seed: int | Tensor,
     offset: int,
     batch: int,
     num_heads: int,
@@ -797,6 +907,7 @@ def dropout_keep_masks(
 
     Runs the same ``_direction``/``_dropout_keep`` helpers as the attention kernels, so
     ``reference.bidirectional_cross_attention(..., keep_masks=...)`` reproduces a fused call.
+    ``seed``: an int below 2**32, or the seed tensor a fused call used.
     """
     lang_keep = torch.empty((batch, num_heads, lang_len, vis_len), dtype=torch.uint8, device=device)
     vis_keep = torch.empty((batch, num_heads, vis_len, lang_len), dtype=torch.uint8, device=device)
@@ -807,7 +918,7 @@ def dropout_keep_masks(
         vis_keep,
         lang_len,
         vis_len,
-        seed,
+        _explicit_seed(seed, lang_keep.device),
         offset,
         probability_threshold(dropout_p),
         BLOCK_M=block,
@@ -838,6 +949,8 @@ def sm90_variants() -> list[KernelVariant]:
                     "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                 }
                 scalars = _scalar_args(head_dim, DROPOUT_P if dropout else 0.0)
+                # The drawn int64 seed tensor, or without dropout qkv as the never-read pointer.
+                seed_ptr = {"seed_ptr": torch.int64 if dropout else dtype}
                 for name, fn, args in (
                     ("fwd", _cross_attention_fwd_kernel, _fwd_args(dtype)),
                     ("bwd", _cross_attention_bwd_kernel, _bwd_args(dtype)),
@@ -846,7 +959,7 @@ def sm90_variants() -> list[KernelVariant]:
                         KernelVariant(
                             name=f"cross_attention_{name}_{io}_d{head_dim}_drop{int(dropout)}",
                             fn=fn,
-                            args={**args, **scalars, **constexprs},
+                            args={**args, **scalars, **seed_ptr, **constexprs},
                             options={"num_warps": num_warps},
                         )
                     )
@@ -858,10 +971,8 @@ def sm90_variants() -> list[KernelVariant]:
             args={
                 "lang_keep_ptr": torch.uint8,
                 "vis_keep_ptr": torch.uint8,
-                **{
-                    k: mask_scalars[k]
-                    for k in ("lang_len", "vis_len", "seed", "drop_offset", "drop_threshold")
-                },
+                **{k: mask_scalars[k] for k in ("lang_len", "vis_len", "drop_offset", "drop_threshold")},
+                "seed_ptr": torch.int64,
                 "BLOCK_M": 64,
                 "BLOCK_N": 64,
             },
@@ -871,7 +982,7 @@ def sm90_variants() -> list[KernelVariant]:
 
 
 def _scalar_args(head_dim: int, dropout_p: float) -> dict:
-    """The launchers' scalar arguments (``_common_args``) at LXMERT's lengths; a fresh seed each call."""
+    """The launchers' scalar arguments (``_common_args``, but the seed pointer) at LXMERT's lengths."""
     from lxmert_fast.kernels.sm90 import BOXES, HIDDEN, WORDS
 
     dropout = dropout_p > 0.0
@@ -880,7 +991,6 @@ def _scalar_args(head_dim: int, dropout_p: float) -> dict:
         "vis_len": BOXES,
         "num_heads": HIDDEN // head_dim,
         "sm_scale": head_dim**-0.5,
-        "seed": 1_234_567 if dropout else 0,
         "drop_offset": 0,
         "drop_threshold": probability_threshold(dropout_p) if dropout else 0,
         "drop_scale": 1.0 / (1.0 - dropout_p) if dropout else 0.0,

@@ -20,7 +20,7 @@ import lxmert_fast
 from lxmert_fast import ops, reference
 from lxmert_fast.backend import fast_path_of
 from lxmert_fast.kernels import cross_attention as xattn
-from lxmert_fast.philox import philox_bits
+from lxmert_fast.philox import draw_seed, philox_bits
 
 Tensor = torch.Tensor
 FP32_TOL = 1e-5
@@ -194,13 +194,19 @@ def test_dropout_same_seed_same_result_and_deterministic_backward(kernel_device)
     assert not torch.equal(a[0], c[0]), "another seed gave the same dropout"
 
 
-def test_dropout_seed_drawn_from_torch_generator(kernel_device):
+def test_dropout_seed_drawn_on_the_device_from_torch_generator(kernel_device):
     qkv = _qkv(1, 7, 10, 2, 32, torch.float32, kernel_device)
+
+    def seeded(manual_seed, **seed):
+        torch.manual_seed(manual_seed)
+        return xattn.cross_attention(qkv, 7, 2, None, None, 0.5, **seed)
+
+    a = seeded(123)
+    assert torch.equal(a, seeded(123)), "torch.manual_seed does not reproduce the dropout"
     torch.manual_seed(123)
-    a = xattn.cross_attention(qkv, 7, 2, None, None, 0.5)
-    torch.manual_seed(123)
-    b = xattn.cross_attention(qkv, 7, 2, None, None, 0.5)
-    assert torch.equal(a, b)
+    drawn = draw_seed(kernel_device)
+    assert torch.equal(a, seeded(123, seed=drawn)), "the seed is not philox.draw_seed on the device"
+    assert not torch.equal(a, seeded(124)), "another torch seed gave the same dropout"
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -214,8 +220,10 @@ def test_dropout_keep_rate_within_binomial_bounds(p, kernel_device):
     assert not torch.equal(lang_keep[0, 0], lang_keep[0, 1]), "heads share a mask"
 
 
-def test_dropout_masks_are_the_documented_philox_stream(kernel_device):
-    batch, heads, lang_len, vis_len, p, seed, offset = 2, 2, 7, 10, 0.3, 11, 5
+# The kernels key Philox with 32 bits: a seed above 2**31 shows the key is unsigned (high word 0).
+@pytest.mark.parametrize("seed", [11, 2**32 - 5])
+def test_dropout_masks_are_the_documented_philox_stream(seed, kernel_device):
+    batch, heads, lang_len, vis_len, p, offset = 2, 2, 7, 10, 0.3, 5
     lang_keep, vis_keep = xattn.dropout_keep_masks(
         seed, offset, batch, heads, lang_len, vis_len, p, kernel_device
     )
@@ -224,6 +232,14 @@ def test_dropout_masks_are_the_documented_philox_stream(kernel_device):
     keep = ((bits >> 8) >= reference.probability_threshold(p)).view(batch, heads, 2, pair)
     assert torch.equal(lang_keep, keep[:, :, 0].reshape(batch, heads, lang_len, vis_len))
     assert torch.equal(vis_keep, keep[:, :, 1].reshape(batch, heads, vis_len, lang_len))
+
+
+def test_explicit_seeds_must_fit_the_32_bit_key(kernel_device):
+    qkv = _qkv(1, 7, 10, 2, 32, torch.float32, kernel_device)
+    with pytest.raises(ValueError, match=r"2\*\*32"):
+        xattn.cross_attention(qkv, 7, 2, None, None, 0.1, seed=2**32)
+    with pytest.raises(ValueError, match=r"2\*\*32"):
+        xattn.dropout_keep_masks(-1, 0, 1, 2, 7, 10, 0.1, kernel_device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

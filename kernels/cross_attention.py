@@ -72,8 +72,9 @@ Backward
     a bias that requires grad.
 
 Specialisations
-    Block sizes depend on the dtype only (``_block_config``: 64 x 64 for half inputs, 32 x 32 for
-    fp32; 8 warps at head_dim 128, else 4), head_dim and dropout are constexprs; the presence of
+    Tiles depend on (head_dim, dtype, direction) only, not the lengths (``_tiles``: 64 x 64 for
+    half inputs, 32 x 32 for fp32, smaller backward tiles and more warps where the sm_90 compile
+    check found register spills), head_dim and dropout are constexprs; the presence of
     each bias is a runtime length, so ``sm90_variants()`` lists 3 dtypes x 3 head_dims x 2 dropout
     flags x (fwd, bwd) plus the test-only mask export. ``seed_ptr`` is the int64 seed tensor with
     dropout and qkv (never read) without, as an absent bias passes qkv.
@@ -583,6 +584,26 @@ def _dropout_keep_masks_kernel(
         tl.store(vis_keep_ptr + flat, keep.to(tl.uint8), mask=(offs_m < vis_rows)[:, None] & n_mask)
 
 
+# The test-only mask export: 8 warps (172 registers), where 4 spilled 28-30 words on sm_90.
+_MASK_WARPS = 8
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Block sizes and launch options of one direction's kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int | None = None  # None: triton's default
+
+    def launch_options(self) -> dict:
+        options = {"num_warps": self.num_warps}
+        if self.num_stages is not None:
+            options["num_stages"] = self.num_stages
+        return options
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Launch parameters shared by the forward and the backward of one call (rebuilt inside each
@@ -592,9 +613,8 @@ class _Plan:
     vis_len: int
     num_heads: int
     head_dim: int
-    block_m: int
-    block_n: int
-    num_warps: int
+    fwd: _Tiles
+    bwd: _Tiles
     dot_dtype: tl.dtype
     dot_precision: str
     dropout: bool
@@ -603,25 +623,30 @@ class _Plan:
     drop_scale: float
 
 
-def _block_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) from head_dim and dtype (not the lengths).
+def _tiles(head_dim: int, dtype: torch.dtype, backward: bool) -> _Tiles:
+    """The launch tiles of one direction, from head_dim and dtype (not the lengths).
 
     LXMERT's 20 x 36 tokens fit one 64-block per stream, so a (batch, head) costs two forward
     programs that read qkv once; longer streams loop. fp32 takes 32-blocks: its IEEE dots run
     on FMA units, where a 64 x 64 x 64 tile took minutes to compile for sm_90 and holds large
-    fp32 tiles in the backward. head_dim 128 spreads its tiles over 8 warps (as flash-attention
-    does), which also halves the fp32 compile time. One config per (head_dim, dtype) keeps the
-    sm_90 variant list small.
+    fp32 tiles in the backward. The rest was chosen by the sm_90 compile check (2026-12-01,
+    triton 3.9, num_stages 3 unless given): at 4 warps fp32 head_dim 64 spilled 2-6 words, so it
+    takes 8 warps (98 / 246 registers, no spill); head_dim 128 spreads its tiles over 8 warps (as
+    flash-attention does), its forward with 2 stages (fp32 spilled 2 words with 3), its backward on
+    smaller tiles (half 32 x 32: 158 registers where 64 x 64 spilled 26-48 words; fp32 16 x 32:
+    108 where 32 x 32 at 16 warps still spilled 4).
     """
-    num_warps = 8 if head_dim == 128 else 4
     if dtype == torch.float32:
-        return 32, 32, num_warps
-    return 64, 64, num_warps
+        if head_dim == 128:
+            return _Tiles(16, 32, 8) if backward else _Tiles(32, 32, 8, num_stages=2)
+        return _Tiles(32, 32, 8 if head_dim == 64 else 4)
+    if head_dim == 128:
+        return _Tiles(32, 32, 8) if backward else _Tiles(64, 64, 8, num_stages=2)
+    return _Tiles(64, 64, 4)
 
 
 def _plan(qkv: Tensor, lang_len: int, num_heads: int, dropout_p: float, offset: int) -> _Plan:
     head_dim = qkv.shape[-1] // (3 * num_heads)
-    block_m, block_n, num_warps = _block_config(head_dim, qkv.dtype)
     # bf16 tl.dot is silently wrong under the interpreter: upcast its operands there.
     interpreted = qkv.device.type != "cuda"
     upcast = qkv.dtype == torch.float32 or (interpreted and qkv.dtype == torch.bfloat16)
@@ -631,9 +656,8 @@ def _plan(qkv: Tensor, lang_len: int, num_heads: int, dropout_p: float, offset: 
         vis_len=qkv.shape[1] - lang_len,
         num_heads=num_heads,
         head_dim=head_dim,
-        block_m=block_m,
-        block_n=block_n,
-        num_warps=num_warps,
+        fwd=_tiles(head_dim, qkv.dtype, backward=False),
+        bwd=_tiles(head_dim, qkv.dtype, backward=True),
         dot_dtype=tl.float32 if upcast else _TRITON_DTYPES[qkv.dtype],
         dot_precision="ieee" if upcast else "tf32",
         dropout=dropout,
@@ -675,15 +699,15 @@ def _common_args(plan: _Plan, seed: Tensor | None, qkv: Tensor) -> tuple:
     )
 
 
-def _constexprs(plan: _Plan) -> dict:
+def _constexprs(plan: _Plan, tiles: _Tiles) -> dict:
     return {
         "HEAD_DIM": plan.head_dim,
-        "BLOCK_M": plan.block_m,
-        "BLOCK_N": plan.block_n,
+        "BLOCK_M": tiles.block_m,
+        "BLOCK_N": tiles.block_n,
         "DROPOUT": plan.dropout,
         "DOT_DTYPE": plan.dot_dtype,
         "DOT_PRECISION": plan.dot_precision,
-        "num_warps": plan.num_warps,
+        **tiles.launch_options(),
     }
 
 
@@ -698,7 +722,7 @@ def _forward(
     row_inv_sum = torch.empty_like(row_max)
     grid = (
         batch * plan.num_heads,
-        triton.cdiv(plan.lang_len, plan.block_m) + triton.cdiv(plan.vis_len, plan.block_m),
+        triton.cdiv(plan.lang_len, plan.fwd.block_m) + triton.cdiv(plan.vis_len, plan.fwd.block_m),
     )
     _cross_attention_fwd_kernel[grid](
         qkv,
@@ -712,7 +736,7 @@ def _forward(
         row_max,
         row_inv_sum,
         *_common_args(plan, seed, qkv),
-        **_constexprs(plan),
+        **_constexprs(plan, plan.fwd),
     )
     return out, row_max, row_inv_sum
 
@@ -734,10 +758,10 @@ def _backward(
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     grid = (
         batch * plan.num_heads,
-        triton.cdiv(plan.vis_len, plan.block_n)
-        + triton.cdiv(plan.lang_len, plan.block_n)
-        + triton.cdiv(plan.lang_len, plan.block_m)
-        + triton.cdiv(plan.vis_len, plan.block_m),
+        triton.cdiv(plan.vis_len, plan.bwd.block_n)
+        + triton.cdiv(plan.lang_len, plan.bwd.block_n)
+        + triton.cdiv(plan.lang_len, plan.bwd.block_m)
+        + triton.cdiv(plan.vis_len, plan.bwd.block_m),
     )
     _cross_attention_bwd_kernel[grid](
         qkv,
@@ -757,7 +781,7 @@ def _backward(
         row_max,
         row_inv_sum,
         *_common_args(plan, seed, qkv),
-        **_constexprs(plan),
+        **_constexprs(plan, plan.bwd),
     )
     return dqkv
 
@@ -923,6 +947,7 @@ def dropout_keep_masks(
         probability_threshold(dropout_p),
         BLOCK_M=block,
         BLOCK_N=block,
+        num_warps=_MASK_WARPS,
     )
     return lang_keep.bool(), vis_keep.bool()
 
@@ -938,12 +963,9 @@ def sm90_variants() -> list[KernelVariant]:
     for dtype in KERNEL_DTYPES:
         io = _SIGNATURE_DTYPES[dtype]
         for head_dim in HEAD_DIMS:
-            block_m, block_n, num_warps = _block_config(head_dim, dtype)
             for dropout in (False, True):
                 constexprs = {
                     "HEAD_DIM": head_dim,
-                    "BLOCK_M": block_m,
-                    "BLOCK_N": block_n,
                     "DROPOUT": dropout,
                     "DOT_DTYPE": tl.float32 if dtype == torch.float32 else _TRITON_DTYPES[dtype],
                     "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
@@ -955,12 +977,14 @@ def sm90_variants() -> list[KernelVariant]:
                     ("fwd", _cross_attention_fwd_kernel, _fwd_args(dtype)),
                     ("bwd", _cross_attention_bwd_kernel, _bwd_args(dtype)),
                 ):
+                    tiles = _tiles(head_dim, dtype, backward=name == "bwd")
+                    blocks = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n}
                     variants.append(
                         KernelVariant(
                             name=f"cross_attention_{name}_{io}_d{head_dim}_drop{int(dropout)}",
                             fn=fn,
-                            args={**args, **scalars, **seed_ptr, **constexprs},
-                            options={"num_warps": num_warps},
+                            args={**args, **scalars, **seed_ptr, **constexprs, **blocks},
+                            options=tiles.launch_options(),
                         )
                     )
     mask_scalars = _scalar_args(64, DROPOUT_P)
@@ -976,6 +1000,7 @@ def sm90_variants() -> list[KernelVariant]:
                 "BLOCK_M": 64,
                 "BLOCK_N": 64,
             },
+            options={"num_warps": _MASK_WARPS},
         )
     )
     return variants

@@ -1,7 +1,8 @@
 """Training metrics without host syncs, and the FLOP accounting behind TFLOP/s and % of peak.
 
 * :class:`RunningMetrics` sums losses and accuracy counts on their device; only :meth:`read`,
-  called once per logging window, copies them to the host.
+  called once per logging window, copies them to the host. It also keeps, on the device, the
+  first step at which each loss term was NaN or Inf (:meth:`first_nonfinite`).
 * :func:`training_flops` counts the FLOPs of one forward and backward with
   ``torch.utils.flop_counter`` on the ``meta`` device (shapes only: no memory, no compute).
 * :func:`bf16_peak_flops` is the dense bf16 peak of known GPUs, the denominator of % of peak.
@@ -41,12 +42,29 @@ class RunningMetrics:
         self._losses: dict[str, Tensor] = {}
         self._counts: dict[str, Tensor] = {}
         self._weight = 0.0
+        self._first_nonfinite: dict[str, Tensor] = {}
 
-    def add_losses(self, losses: Mapping[str, Tensor], weight: float = 1.0) -> None:
+    def add_losses(self, losses: Mapping[str, Tensor], weight: float = 1.0, step: int | None = None) -> None:
+        """Add the window's loss terms; with ``step``, also remember (on the device, no host read)
+        the first ``step`` at which a term was NaN or Inf."""
         for key, value in losses.items():
             term = value.detach().float() * weight
             self._losses[key] = term if key not in self._losses else self._losses[key] + term
+            if step is not None:
+                first = self._first_nonfinite.get(key)
+                if first is None:
+                    first = torch.full((), -1, dtype=torch.int64, device=term.device)
+                self._first_nonfinite[key] = torch.where(~torch.isfinite(term) & (first < 0), step, first)
         self._weight += weight
+
+    def first_nonfinite(self) -> dict[str, int]:
+        """``{term: first step it was NaN/Inf, or -1}`` over the steps added with ``step`` since the
+        last :meth:`read` (one host copy). Kept until :meth:`read` starts a new window."""
+        keys = sorted(self._first_nonfinite)
+        if not keys:
+            return {}
+        steps = torch.stack([self._first_nonfinite[k] for k in keys]).cpu()
+        return {k: int(v) for k, v in zip(keys, steps, strict=True)}
 
     def add_counts(self, counts: Mapping[str, Tensor]) -> None:
         for key, value in counts.items():
@@ -67,13 +85,15 @@ class RunningMetrics:
                 for k, c in zip(count_keys, counts, strict=True)
                 if c[1] > 0
             )
-        self._losses, self._counts, self._weight = {}, {}, 0.0
+        self._losses, self._counts, self._weight, self._first_nonfinite = {}, {}, 0.0, {}
         return record
 
 
 def _to_meta(value: Any) -> Any:
     if isinstance(value, Tensor):
-        return value.to("meta")
+        # Detached: a real input that requires grad (train.py's ZeRO-3 inputs) must not receive
+        # the meta backward ("Cannot copy out of meta tensor").
+        return value.detach().to("meta").requires_grad_(value.requires_grad)
     if isinstance(value, Mapping):
         return {k: _to_meta(v) for k, v in value.items()}
     if isinstance(value, tuple | list):

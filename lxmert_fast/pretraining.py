@@ -22,7 +22,7 @@ import torch
 from lxmert_fast import ops, reference
 from lxmert_fast.checks import describe
 from lxmert_fast.config import LxmertConfig
-from lxmert_fast.modeling import gather_positions
+from lxmert_fast.modeling import LxmertForPreTraining, gather_positions
 from lxmert_fast.philox import philox_bits
 
 Tensor = torch.Tensor
@@ -207,6 +207,16 @@ def model_inputs(
         "mlm_positions": batch.get("mlm_positions"),
         "feat_positions": batch.get("feat_positions"),
     }
+
+
+def check_batch(model: LxmertForPreTraining, batch: dict[str, Tensor]) -> None:
+    """The model's value checks of its inputs and labels (ids in the vocabulary, boxes in [0, 1] and
+    not NaN, class ids below their counts) on a CPU ``batch`` of :class:`PretrainDataset`, before it
+    goes to the device: host checks that cost no device sync, for a model run with
+    ``check_inputs = False``."""
+    model.lxmert.check_input_values(batch["input_ids"], batch["token_type_ids"], batch["visual_pos"])
+    obj_labels = {key: (batch[f"{key}_ids"], batch[f"{key}_conf"]) for key in ("obj", "attr")}
+    model.check_label_values(batch["mlm_labels"], batch["matched_label"], batch["qa_label"], obj_labels)
 
 
 def weighted_loss(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:

@@ -299,3 +299,29 @@ def test_roi_feature_mask_takes_every_64_bit_seed():
         ops.roi_feature_mask(features, seed)
     with pytest.raises(ValueError, match=r"seed: expected a 64-bit value"):
         ops.roi_feature_mask(features, 2**64)
+
+
+def test_training_batches_get_the_model_checks_on_the_host():
+    # train.py runs the model with check_inputs off (no device sync per step) and checks each CPU
+    # batch with pretraining.check_batch instead: the same checks, the same messages.
+    from lxmert_fast import pretraining as pt
+
+    model = LxmertForPreTraining(CONFIG)
+    model.lxmert.check_inputs = False
+    labels = pretraining_labels()
+    batch = {
+        **good(),
+        "mlm_labels": labels["labels"],
+        "matched_label": labels["matched_label"],
+        "qa_label": labels["ans"],
+        **{f"{k}_ids": labels["obj_labels"][k][0] for k in ("obj", "attr")},
+        **{f"{k}_conf": labels["obj_labels"][k][1] for k in ("obj", "attr")},
+    }
+    pt.check_batch(model, batch)
+    batch["visual_pos"][1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"visual_pos: expected boxes normalised .* got 1 NaN values"):
+        pt.check_batch(model, batch)
+    batch["visual_pos"][1, 2, 0] = 0.5
+    batch["obj_ids"][0, 0] = 11
+    with pytest.raises(ValueError, match=r"obj_labels\['obj'\]\[0\]: expected class ids in \[0, 11\)"):
+        pt.check_batch(model, batch)

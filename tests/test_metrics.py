@@ -59,3 +59,18 @@ def test_paper_training_flops_match_the_performance_model():
 
 def test_peak_is_unknown_off_the_gpu():
     assert bf16_peak_flops(torch.device("cpu")) is None
+
+
+def test_nonfinite_steps_are_kept_on_the_device_and_read_on_demand():
+    metrics = RunningMetrics()
+    with host_reads_forbidden():
+        for step in range(3):
+            metrics.add_losses({"mlm": torch.ones((), device="meta")}, weight=0.5, step=step)
+    metrics = RunningMetrics()
+    for step, (mlm, qa) in enumerate(
+        [(1.0, 1.0), (float("nan"), 1.0), (2.0, float("inf")), (float("nan"), 1.0)]
+    ):
+        metrics.add_losses({"mlm": torch.tensor(mlm), "qa": torch.tensor(qa)}, step=step)
+    assert metrics.first_nonfinite() == {"mlm": 1, "qa": 2}  # the first bad step of each term
+    metrics.read()
+    assert metrics.first_nonfinite() == {}  # a new window

@@ -255,6 +255,10 @@ def dropout_keep_mask(
     return ((bits >> 8) >= probability_threshold(p)).view(shape)
 
 
+# Registration: the two launchers are torch.library custom ops, so torch.compile sees each launch as
+# one node (its fake gives the shapes) and autograd connects them; the Python entry point below only
+# draws the seed.
+@torch.library.custom_op("lxmert_fast::residual_dropout_layer_norm_fwd", mutates_args=())
 def residual_dropout_layer_norm_forward(
     hidden: Tensor,
     residual: Tensor,
@@ -308,6 +312,7 @@ def residual_dropout_layer_norm_forward(
     return out, x, mean, rstd
 
 
+@torch.library.custom_op("lxmert_fast::residual_dropout_layer_norm_bwd", mutates_args=())
 def residual_dropout_layer_norm_backward(
     grad_out: Tensor,
     x: Tensor,
@@ -363,26 +368,7 @@ def residual_dropout_layer_norm_backward(
     return grad_hidden, grad_residual, grad_weight, grad_bias
 
 
-# Registration: two custom ops, so torch.compile sees each launch as one node (its fake gives
-# the shapes) and autograd connects them; the Python entry point below only draws the seed.
-@torch.library.custom_op("lxmert_fast::residual_dropout_layer_norm_fwd", mutates_args=())
-def _fwd_op(
-    hidden: Tensor,
-    residual: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    eps: float,
-    dropout_p: float,
-    seed: Tensor,
-    offset: int,
-    save: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return residual_dropout_layer_norm_forward(
-        hidden, residual, weight, bias, eps, dropout_p, seed, offset, save
-    )
-
-
-@_fwd_op.register_fake
+@residual_dropout_layer_norm_forward.register_fake
 def _fwd_fake(hidden, residual, weight, bias, eps, dropout_p, seed, offset, save):
     n_cols = hidden.shape[-1]
     x_dtype = torch.promote_types(hidden.dtype, residual.dtype)
@@ -393,26 +379,7 @@ def _fwd_fake(hidden, residual, weight, bias, eps, dropout_p, seed, offset, save
     return out, x, mean, torch.empty_like(mean)
 
 
-@torch.library.custom_op("lxmert_fast::residual_dropout_layer_norm_bwd", mutates_args=())
-def _bwd_op(
-    grad_out: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    rstd: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    hidden_dtype: torch.dtype,
-    residual_dtype: torch.dtype,
-    dropout_p: float,
-    seed: Tensor,
-    offset: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return residual_dropout_layer_norm_backward(
-        grad_out, x, mean, rstd, weight, bias, hidden_dtype, residual_dtype, dropout_p, seed, offset
-    )
-
-
-@_bwd_op.register_fake
+@residual_dropout_layer_norm_backward.register_fake
 def _bwd_fake(grad_out, x, mean, rstd, weight, bias, hidden_dtype, residual_dtype, dropout_p, seed, offset):
     return (
         grad_out.new_empty(grad_out.shape, dtype=hidden_dtype),
@@ -433,11 +400,13 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: Tensor, _grad_x, _grad_mean, _grad_rstd):
     x, mean, rstd, weight, bias, seed = ctx.saved_tensors
     dropout_p, offset = ctx.dropout
-    grads = _bwd_op(grad_out, x, mean, rstd, weight, bias, *ctx.dtypes, dropout_p, seed, offset)
+    grads = residual_dropout_layer_norm_backward(
+        grad_out, x, mean, rstd, weight, bias, *ctx.dtypes, dropout_p, seed, offset
+    )
     return (*grads, None, None, None, None, None)
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+residual_dropout_layer_norm_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def residual_dropout_layer_norm(
@@ -466,7 +435,9 @@ def residual_dropout_layer_norm(
     else:
         seed = seed_tensor(seed, hidden.device)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, residual, weight, bias))
-    return _fwd_op(hidden, residual, weight, bias, eps, dropout_p, seed, offset, save)[0]
+    return residual_dropout_layer_norm_forward(
+        hidden, residual, weight, bias, eps, dropout_p, seed, offset, save
+    )[0]
 
 
 def supports(

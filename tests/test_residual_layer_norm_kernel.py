@@ -319,10 +319,16 @@ def test_custom_ops_pass_opcheck(kernel_device):
         inputs[k].clone().requires_grad_() for k in ("hidden", "residual", "weight", "bias")
     )
     for p in (0.0, 0.2):
-        torch.library.opcheck(rln._fwd_op, (hidden, residual, weight, bias, EPS, p, seed, 0, True))
-    _out, x, mean, rstd = rln._fwd_op(hidden, residual, weight, bias, EPS, 0.2, seed, 0, True)
+        torch.library.opcheck(
+            rln.residual_dropout_layer_norm_forward, (hidden, residual, weight, bias, EPS, p, seed, 0, True)
+        )
+    _out, x, mean, rstd = rln.residual_dropout_layer_norm_forward(
+        hidden, residual, weight, bias, EPS, 0.2, seed, 0, True
+    )
     args = (inputs["grad_out"], *(t.detach() for t in (x, mean, rstd, weight, bias)))
-    torch.library.opcheck(rln._bwd_op, (*args, torch.float32, torch.float32, 0.2, seed, 0))
+    torch.library.opcheck(
+        rln.residual_dropout_layer_norm_backward, (*args, torch.float32, torch.float32, 0.2, seed, 0)
+    )
 
 
 def test_fullgraph_compile_draws_seeds_on_the_device(kernel_device):

@@ -18,6 +18,8 @@ B=64 and B=256 on CUDA, eager and captured (``mode="reduce-overhead"``: CUDA gra
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -110,13 +112,9 @@ def dense_step_flops(size: str, config: dict, batch: dict) -> int:
     return _FLOPS[size]
 
 
-@pytest.mark.parametrize("mode", ["eager", "compiled"])
-@pytest.mark.parametrize("impl", ["ours", "transformers"])
-@pytest.mark.parametrize(("size", "device"), CASES)
-def test_pretrain_step(benchmark, cpu_threads, impl, mode, size, device):
-    if mode == "compiled" and size == "small" and device == "cpu":
-        pytest.skip("compiled CPU steps are timed on the tiny config (inductor compiles small for minutes)")
-    config = CONFIGS[size]
+def build_step(config: dict, size: str, impl: str, mode: str, device: str) -> tuple[Callable[[], None], dict]:
+    """One training step of ``impl`` (forward with its losses, backward, AdamW; bf16 autocast for the
+    paper config on CUDA), eager or compiled (CUDA graphs on CUDA), and the batch it runs on."""
     model = make_models(config, device)[impl]
     batch = make_batch(config, device)
     sparse = batch.pop("sparse")
@@ -135,6 +133,18 @@ def test_pretrain_step(benchmark, cpu_threads, impl, mode, size, device):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return step, batch
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("impl", ["ours", "transformers"])
+@pytest.mark.parametrize(("size", "device"), CASES)
+def test_pretrain_step(benchmark, cpu_threads, impl, mode, size, device):
+    if mode == "compiled" and size == "small" and device == "cpu":
+        pytest.skip("compiled CPU steps are timed on the tiny config (inductor compiles small for minutes)")
+    config = CONFIGS[size]
+    step, batch = build_step(config, size, impl, mode, device)
 
     for _ in range(3 if mode == "compiled" else 1):  # compile and record the CUDA graphs
         step()

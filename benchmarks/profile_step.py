@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_pretrain_step import CONFIGS, make_batch, make_models
+from bench_pretrain_step import CONFIGS, build_step
 
 TOP = 25
 
@@ -72,25 +72,9 @@ def profile(step, cuda: bool) -> dict:
     }
 
 
-def profile_mode(mode: str, config: dict, device: str, cuda: bool) -> dict:
+def profile_mode(mode: str, config: dict, size: str, device: str, cuda: bool) -> dict:
     """Warm up (compile, record the CUDA graphs) then profile one full step of ours."""
-    model = make_models(config, device)["ours"]
-    batch = make_batch(config, device)
-    batch.update(batch.pop("sparse"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
-    forward = model
-    if mode == "captured":
-        torch._dynamo.reset()
-        forward = torch.compile(model, mode="reduce-overhead" if cuda else None)
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=cuda)
-
-    def step() -> None:
-        with autocast:
-            loss = forward(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step, _ = build_step(config, size, "ours", "compiled" if mode == "captured" else "eager", device)
     for _ in range(3):
         step()
     return profile(step, cuda)
@@ -107,7 +91,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     size = args.size or ("paper" if cuda else "tiny")
-    config = dict(CONFIGS["paper-b256" if size == "paper" else "tiny"])
+    size = "paper-b256" if size == "paper" else size
+    config = dict(CONFIGS[size])
     if args.batch is not None:
         config["batch"] = args.batch
     results = {
@@ -116,7 +101,7 @@ def main() -> None:
         "batch": config["batch"],
     }
     for mode in ("eager", "captured"):
-        results[mode] = profile_mode(mode, config, device, cuda)
+        results[mode] = profile_mode(mode, config, size, device, cuda)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "profile.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -60,6 +60,9 @@ def meta_batch(config, batch: int = 2, words: int = 6, boxes: int = 5) -> dict:
             "attr": (torch.zeros(batch, boxes, **long), ones),
             "feat": (torch.zeros(batch, boxes, config.visual_feat_dim, device="meta"), ones),
         },
+        # The sparse heads' positions, as train.py passes them (their checks must not read either).
+        mlm_positions=torch.arange(batch * words, device="meta"),
+        feat_positions=torch.arange(batch * boxes, device="meta"),
     )
     return inputs
 

@@ -6,6 +6,12 @@ is a training step of the op (attention dropout 0.1, d(qkv) only). All three sta
 same fused ``qkv`` [B, 56, 2304] and end with the context [B, 56, 768] in token order, so the
 SDPA variant pays for its head split and merge copies, as a model using it would.
 ``benchmark.extra_info["peak_memory_mib"]`` is the peak allocation of one step above the inputs.
+The benchmark's mean is wall time; ``extra_info`` adds ``device_ms`` (one step inside a captured
+CUDA graph, benchmarks/conftest.py ``device_time``) and the bandwidth of the bytes a step must
+move against a ``clone()`` of as many bytes (``gbps``, ``clone_gbps``, ``pct_of_clone``). With
+A = one [B, 56, 768] bf16 tensor: ``forward`` 4A (qkv 3A in, context A out; the [B, 20] bias is
+noise); ``forward_backward`` 12A (forward, then qkv 3A, context A and its gradient A in, d(qkv) 3A
+out).
 
 Run: ``pytest benchmarks/bench_cross_attention.py --benchmark-only`` (skips without CUDA).
 """
@@ -57,7 +63,7 @@ IMPLS = {"fused": _fused, "reference": _reference, "sdpa": _sdpa}
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("batch", [32, 256])
-def test_cross_attention(benchmark, batch, impl, mode):
+def test_cross_attention(benchmark, device_time, batch, impl, mode):
     torch.manual_seed(0)
     device = torch.device("cuda")
     training = mode == "forward_backward"
@@ -70,12 +76,15 @@ def test_cross_attention(benchmark, batch, impl, mode):
     dout = torch.randn(batch, LANG_LEN + VIS_LEN, HEADS * HEAD_DIM, device=device, dtype=DTYPE)
     fn, p = IMPLS[impl], (0.1 if training else 0.0)
 
-    def step():
+    def run():
         if training:
             torch.autograd.grad(fn(qkv, lang_bias, None, p), qkv, dout)
         else:
             with torch.no_grad():
                 fn(qkv, lang_bias, None, p)
+
+    def step():
+        run()
         torch.cuda.synchronize()
 
     step()
@@ -85,4 +94,5 @@ def test_cross_attention(benchmark, batch, impl, mode):
     step()
     benchmark.extra_info["peak_memory_mib"] = (torch.cuda.max_memory_allocated() - baseline) / 2**20
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    device_time(run, (12 if training else 4) * dout.numel() * dout.element_size())
     benchmark.pedantic(step, rounds=50, iterations=5, warmup_rounds=5)

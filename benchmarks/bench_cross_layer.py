@@ -13,7 +13,9 @@ gradients into both inputs and every parameter (``zero_grad(set_to_none=True)`` 
 Target (issue 3): ``forward_backward`` at B=256 at least 2x faster than transformers'.
 
 ``extra_info``: ``peak_memory_mib`` (allocation peak of one step above the layer, inputs
-and output gradients), ``device``.
+and output gradients), ``device``, ``device_ms`` (one step inside a captured CUDA graph,
+benchmarks/conftest.py ``device_time``; the benchmark's mean is wall time). No bandwidth figure:
+a layer of GEMMs is bound by its FLOPs, and its per-kernel bytes are in the kernels' benchmarks.
 
 Run: ``pytest benchmarks/bench_cross_layer.py --benchmark-only`` (skips without CUDA).
 """
@@ -58,7 +60,7 @@ def _make_step(impl: str, batch: int, mode: str):
     lang_mask = ((1.0 - keep) * torch.finfo(DTYPE).min)[:, None, None, :]
     grads = (torch.randn_like(lang), torch.randn_like(visual))
 
-    def step() -> None:
+    def run() -> None:
         if training:
             layer.zero_grad(set_to_none=True)
             lang.grad = visual.grad = None
@@ -66,16 +68,19 @@ def _make_step(impl: str, batch: int, mode: str):
         else:
             with torch.no_grad():
                 layer(lang, lang_mask, visual, None)
+
+    def step() -> None:
+        run()
         torch.cuda.synchronize(device)
 
-    return step, device
+    return step, run, device
 
 
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("batch", [32, 256])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_cross_layer(benchmark, peak_memory_mib, impl, batch, mode):
-    step, device = _make_step(impl, batch, mode)
+def test_cross_layer(benchmark, peak_memory_mib, device_time, impl, batch, mode):
+    step, run, device = _make_step(impl, batch, mode)
     step()
     benchmark.group = f"cross layer {mode} B={batch} bf16"
     benchmark.extra_info.update(
@@ -86,4 +91,5 @@ def test_cross_layer(benchmark, peak_memory_mib, impl, batch, mode):
             "device": torch.cuda.get_device_name(device),
         }
     )
+    device_time(run)
     benchmark.pedantic(step, rounds=40, warmup_rounds=5)

@@ -6,9 +6,12 @@ both paths save what their backward needs), ``forward_backward`` (forward then t
 gradients via ``torch.autograd.grad``, no ``.grad`` accumulation) and ``inference`` (p = 0,
 no grad).
 
-``extra_info``: ``gpu_us`` (median device time from ``triton.testing.do_bench``), ``gb_per_s``
-(the bytes the op must move / ``gpu_us``), ``peak_mem_mb`` (allocation peak of one step above
-what was allocated before it). Bytes that must move, with T = one [B*56, 768] bf16 tensor:
+``extra_info``: ``device_ms`` (median device time of one step inside a captured CUDA graph, see
+benchmarks/conftest.py ``device_time``), ``bytes`` (what the op must move), ``gbps`` (``bytes`` /
+``device_ms``), ``clone_gbps`` and ``pct_of_clone`` (against a ``clone()`` of the same bytes, this
+run), ``peak_mem_mb`` (allocation peak of one step above what was allocated before it). The
+benchmark's own mean is wall time (host launch cost included). Bytes that must move, with T = one
+[B*56, 768] bf16 tensor:
 inference 3T (hidden, residual in; out); training forward 4T (also the LayerNorm input that any
 backward needs); forward+backward 8T (plus grad_out in, the saved input back, grad_hidden and
 grad_residual out). The eager path moves more (mask, intermediate sums): that is the point.
@@ -64,9 +67,7 @@ def _make_step(impl: str, mode: str, batch: int):
 @pytest.mark.parametrize("mode", list(TENSORS_MOVED))
 @pytest.mark.parametrize("batch", [32, 256])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_residual_layer_norm(benchmark, impl, batch, mode):
-    from triton.testing import do_bench
-
+def test_residual_layer_norm(benchmark, device_time, impl, batch, mode):
     step, tensor_bytes = _make_step(impl, mode, batch)
     step()
     torch.cuda.synchronize()
@@ -76,7 +77,7 @@ def test_residual_layer_norm(benchmark, impl, batch, mode):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
 
-    gpu_ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+    device_time(step, TENSORS_MOVED[mode] * tensor_bytes)
 
     def timed():
         step()
@@ -87,8 +88,6 @@ def test_residual_layer_norm(benchmark, impl, batch, mode):
         {
             "shape": [batch * SEQ, HIDDEN],
             "dtype": "bf16",
-            "gpu_us": round(gpu_ms * 1e3, 2),
-            "gb_per_s": round(TENSORS_MOVED[mode] * tensor_bytes / (gpu_ms * 1e-3) / 1e9, 1),
             "peak_mem_mb": round(peak / 2**20, 2),
             "device": torch.cuda.get_device_name(),
         }

@@ -15,6 +15,9 @@ out-of-place op must move) / mean time; for ``cpp_inplace`` the same nominal byt
 number is comparable, not the bytes it moves. On CUDA also ``peak_mem_mb`` (allocation peak
 of one call above what was allocated before it); the CPU allocator has no peak counter
 (the out-of-place op allocates the output and a [B, N] int8 action, nothing else).
+On CUDA also ``device_ms`` (one call inside a captured CUDA graph, benchmarks/conftest.py
+``device_time``; the mean stays wall time) and, for the same nominal bytes, ``gbps``,
+``clone_gbps`` (a ``clone()`` moving as many bytes, this run) and ``pct_of_clone``.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ DEVICES = [
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("device", DEVICES)
-def test_roi_mask(benchmark, device, impl):
+def test_roi_mask(benchmark, device_time, device, impl):
     roi_mask.load_extension()
     fn = IMPLS[impl]
     x = torch.randn(SHAPE, device=device)
@@ -74,6 +77,7 @@ def test_roi_mask(benchmark, device, impl):
         torch.cuda.reset_peak_memory_stats()
         step()
         benchmark.extra_info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        device_time(lambda: fn(x), 2 * x.numel() * x.element_size())
     benchmark.group = f"roi_feature_mask {device} {list(SHAPE)} fp32"
     benchmark.pedantic(step, rounds=20 if device == "cpu" else 200, warmup_rounds=2)
     moved = 2 * x.numel() * x.element_size()

@@ -4,11 +4,14 @@ Usage::
 
     python benchmarks/summarize.py RESULT.json [MORE.json ...] [--merge OUT.json] [--markdown]
 
-One row per benchmark: its name, mean time in ms, the time ratio ours / baseline where the
-same test has a baseline with the same other parameters (``impl`` fused|cpp|cpp_inplace|ours
+One row per benchmark: its name, mean (wall) time in ms, the time ratio ours / baseline where
+the same test has a baseline with the same other parameters (``impl`` fused|cpp|cpp_inplace|ours
 against eager|reference|torch_reference|sdpa|transformers; below 1 means ours is faster),
 and the throughput or memory numbers found in ``extra_info`` (``gb_per_s``, ``gpu_us``,
-any ``peak*`` key, and ``ratio`` from an interleaved measurement). ``--markdown`` prints a
+any ``peak*`` key, and ``ratio`` from an interleaved measurement). When any result carries the
+device time of benchmarks/conftest.py's ``device_time`` fixture, three more columns: ``device
+ms``, the ratio ours / baseline in device time, and ``% clone`` (the op's bandwidth as a share of
+a ``clone()`` of the same bytes in the same run, with its GB/s). ``--markdown`` prints a
 Markdown table for ``benchmarks/RESULTS.md``. Exit status 1 when no results were found.
 """
 
@@ -49,18 +52,33 @@ def _pair_key(bench: dict) -> tuple:
     return bench["fullname"].split("[")[0], tuple(sorted((k, str(v)) for k, v in params.items()))
 
 
-def ratios(bench: dict, by_key: dict[tuple, dict[str, dict]]) -> str:
-    """``0.45 eager, 0.80 sdpa``: this benchmark's mean over each baseline's, if it is ours."""
-    if (bench.get("params") or {}).get("impl") not in OURS:
+def _wall(bench: dict) -> float | None:
+    return bench["stats"]["mean"]
+
+
+def _device(bench: dict) -> float | None:
+    return (bench.get("extra_info") or {}).get("device_ms")
+
+
+def ratios(bench: dict, by_key: dict[tuple, dict[str, dict]], time=_wall) -> str:
+    """``0.45 eager, 0.80 sdpa``: this benchmark's ``time`` (wall mean by default) over each
+    baseline's, if it is ours and both times are known."""
+    if (bench.get("params") or {}).get("impl") not in OURS or not time(bench):
         return ""
     siblings = by_key.get(_pair_key(bench), {})
-    mean = bench["stats"]["mean"]
     parts = [
-        f"{mean / siblings[impl]['stats']['mean']:.2f} {label}"
+        f"{time(bench) / time(siblings[impl]):.2f} {label}"
         for impl, label in BASELINES.items()
-        if impl in siblings
+        if impl in siblings and time(siblings[impl])
     ]
     return ", ".join(parts)
+
+
+def clone_share(info: dict) -> str:
+    """``93.1% (2785 GB/s)``: the op's bandwidth as a share of the same run's clone()."""
+    if info.get("pct_of_clone") is None:
+        return ""
+    return f"{info['pct_of_clone']:.1f}% ({info['gbps']:.0f} GB/s)"
 
 
 def extras(info: dict) -> str:
@@ -77,7 +95,9 @@ def extras(info: dict) -> str:
     return ", ".join(parts)
 
 
-def rows(benchmarks: list[dict]) -> list[tuple[str, str, str, str]]:
+def rows(benchmarks: list[dict]) -> list[tuple[str, ...]]:
+    """The table's rows; the device-time columns only when some result has ``device_ms``."""
+    with_device = any(_device(bench) is not None for bench in benchmarks)
     by_key: dict[tuple, dict[str, dict]] = {}
     for bench in benchmarks:
         impl = (bench.get("params") or {}).get("impl")
@@ -89,32 +109,41 @@ def rows(benchmarks: list[dict]) -> list[tuple[str, str, str, str]]:
     ):
         file = Path(bench["fullname"].split("::")[0]).stem.removeprefix("bench_")
         name = f"{file}: {bench['name'].removeprefix('test_')}"
-        table.append(
-            (
-                name,
-                f"{bench['stats']['mean'] * 1e3:.3f}",
-                ratios(bench, by_key),
-                extras(bench.get("extra_info") or {}),
+        info = bench.get("extra_info") or {}
+        row = (name, f"{bench['stats']['mean'] * 1e3:.3f}", ratios(bench, by_key))
+        if with_device:
+            device = _device(bench)
+            row += (
+                "" if device is None else f"{device:.4f}",
+                ratios(bench, by_key, _device),
+                clone_share(info),
             )
-        )
+        table.append((*row, extras(info)))
     return table
 
 
 HEADER = ("benchmark", "mean ms", "ours/baseline", "extra_info")
+DEVICE_HEADER = (*HEADER[:3], "device ms", "ours/baseline (device)", "% clone", HEADER[3])
+
+
+def _header(table: list[tuple[str, ...]]) -> tuple[str, ...]:
+    return DEVICE_HEADER if table and len(table[0]) == len(DEVICE_HEADER) else HEADER
 
 
 def format_text(table: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in [HEADER, *table]) for i in range(len(HEADER))]
+    header = _header(table)
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        for row in [HEADER, *table]
+        for row in [header, *table]
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(line.rstrip() for line in lines)
 
 
 def format_markdown(table: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    header = _header(table)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     return "\n".join(lines)
 

@@ -10,8 +10,9 @@ Three backends:
 * ``triton``: always the fast path, also for CPU tensors (run the Triton kernels under
   ``TRITON_INTERPRET=1``). A case the fast path cannot serve raises
   :class:`BackendUnavailableError` instead of falling back: asking for a kernel and silently
-  not getting it would make every parity test pass vacuously. Ops without a kernel by
-  design (self-attention: its cost is the GEMMs around it) run the reference.
+  not getting it would make every parity test pass vacuously. An op registered as
+  ``optional`` whose fast path is missing runs the reference (self-attention's fast path is
+  torch's SDPA, :mod:`lxmert_fast.sdpa`, which serves CPU tensors too).
 
 Chosen by the environment variable ``LXMERT_FAST_BACKEND`` at import time and overridden,
 per thread and per context, by ``with lxmert_fast.use_backend(name):``.

@@ -195,13 +195,15 @@ def roi_feature_mask(
 def _register_fast_paths() -> None:
     """Import the fast-path modules; each registers itself with the backend on import.
 
-    The C++ op is always there (built by setup.py, or JIT-built on first use); the Triton
-    kernels only where triton is installed (the reference serves everything without it).
+    The C++ op is always there (built by setup.py, or JIT-built on first use), and so is
+    self-attention through torch's SDPA; the Triton kernels only where triton is installed
+    (the reference serves everything without them).
     """
     import importlib
     import importlib.util
 
     importlib.import_module("lxmert_fast.roi_mask")
+    importlib.import_module("lxmert_fast.sdpa")
     if importlib.util.find_spec("triton") is None:
         return
     _map_source_tree_kernels()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lxmert_fast.atomic import atomic_file, atomic_write_text
 from lxmert_fast.config import CONFIG_NAME, LxmertConfig
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -262,7 +263,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     """``config.json`` + ``model.safetensors`` loadable by transformers' ``from_pretrained``.
 
     The tied MLM decoder weight is left out (safetensors stores no aliases); both libraries
-    re-tie it from the word embeddings on load.
+    re-tie it from the word embeddings on load. Each file is replaced atomically (never left
+    empty or torn); to replace the two together, save into :func:`lxmert_fast.atomic.publishing_dir`.
     """
     from safetensors.torch import save_file
 
@@ -270,10 +272,11 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     config: LxmertConfig = model.config
     config_dict = config.to_dict()
     config_dict["architectures"] = [type(model).__name__]
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config_dict, f, indent=2, sort_keys=True)
-        f.write("\n")
+    atomic_write_text(
+        os.path.join(directory, CONFIG_NAME), json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
+    )
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings and TIED_DECODER in tensors:
         del tensors[TIED_DECODER]
-    save_file(tensors, os.path.join(directory, SAFETENSORS_NAME), metadata={"format": "pt"})
+    with atomic_file(os.path.join(directory, SAFETENSORS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})

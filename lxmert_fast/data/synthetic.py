@@ -27,6 +27,7 @@ import os
 
 import numpy as np
 
+from lxmert_fast.atomic import atomic_write_text
 from lxmert_fast.data.tsv import write_feature_tsv
 
 OBJECTS = ("dog", "car", "tree", "cup")
@@ -199,9 +200,8 @@ def generate(
         "objects": list(OBJECTS) + list(BACKGROUND),
         "attributes": list(ATTRIBUTES) + list(BACKGROUND_ATTRIBUTES),
     }
-    # meta.json is written last: its presence marks a complete dataset.
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
+    # meta.json is written last, atomically: its presence marks a complete dataset.
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
     return meta
 
 

@@ -5,10 +5,12 @@ Every block keeps the names checkpoints carry (``visual_attention.att.query``,
 :mod:`lxmert_fast.ops`, which picks the reference or a fused kernel. Two structural
 changes from transformers, neither visible in the state dict:
 
-* Q, K and V are one GEMM (the three weights concatenated), and the cross-attention
-  projects the concatenated [language; vision] tokens once, since both directions share
-  one attention module: one GEMM, one attention launch, one output GEMM and one
-  residual+LayerNorm for both streams.
+* Q, K and V are one parameter ``[3*hidden, hidden]`` (and one bias ``[3*hidden]``) per
+  attention module, projected in one GEMM; state-dict hooks save and load it as
+  transformers' ``query``/``key``/``value`` weights and biases (:data:`FUSED_QKV`). The
+  cross-attention projects the concatenated [language; vision] tokens once, since both
+  directions share one attention module: one GEMM, one attention launch, one output GEMM
+  and one residual+LayerNorm for both streams.
 * Attention masks travel as additive key biases ``[B, T]`` (see :func:`mask_to_bias`)
   instead of ``[B, 1, 1, T]``.
 
@@ -18,6 +20,8 @@ must be declared ZeRO-3 leaf modules (``ZERO3_LEAF_MODULES``).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -55,26 +59,124 @@ def extended_mask_to_bias(name: str, mask: Tensor | None, batch: int, length: in
     return mask.expand(batch, length)
 
 
+# Each fused Q/K/V parameter of :class:`Attention` -> transformers' names of its three
+# slices of rows, in the [q | k | v] order of the fused projection's output.
+FUSED_QKV = {
+    "qkv_weight": ("query.weight", "key.weight", "value.weight"),
+    "qkv_bias": ("query.bias", "key.bias", "value.bias"),
+}
+
+
+def _thirds(tensor: Tensor) -> list[Tensor]:
+    # Row slices (views), not chunk(): a ZeRO-3 partitioned parameter is an empty [0] tensor
+    # and must still give three (empty) parts.
+    rows = tensor.shape[0] // 3
+    return [tensor[i * rows : (i + 1) * rows] for i in range(3)]
+
+
+def unfuse_names(named: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    """``(name, tensor)`` pairs of a model's parameters (or their gradients) under transformers'
+    names: each fused Q/K/V tensor becomes its three ``query``/``key``/``value`` slices (views)."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in named:
+        head, _, leaf = name.rpartition(".")
+        parts = FUSED_QKV.get(leaf)
+        if parts is None:
+            out[name] = tensor
+            continue
+        for part, piece in zip(parts, _thirds(tensor), strict=True):
+            out[f"{head}.{part}" if head else part] = piece
+    return out
+
+
 class Attention(nn.Module):
-    """Q/K/V projections (transformers' ``LxmertAttention``); ``qkv`` projects them in one GEMM."""
+    """Q/K/V projections (transformers' ``LxmertAttention``) as one ``[3*hidden, hidden]`` weight.
+
+    ``qkv_weight`` and ``qkv_bias`` hold the query, key and value rows in that order, so
+    ``qkv`` is one GEMM with no per-forward concatenation. ``state_dict()`` shows them as
+    ``query.weight``, ``query.bias``, ``key.weight`` … (views of the fused tensors) and
+    ``load_state_dict`` takes those names, reporting missing, unexpected and mis-shaped
+    keys under them; the fused names appear only in ``named_parameters()``.
+    """
 
     def __init__(self, config: Any) -> None:
         super().__init__()
+        hidden = config.hidden_size
         self.num_attention_heads = config.num_attention_heads
-        self.attention_head_size = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_head_size = hidden // config.num_attention_heads
+        self.qkv_weight = nn.Parameter(torch.empty(3 * hidden, hidden))
+        self.qkv_bias = nn.Parameter(torch.empty(3 * hidden))
         self.dropout_prob = config.attention_probs_dropout_prob
+        self.reset_parameters()
+        self.register_state_dict_post_hook(_save_unfused)
+        self.register_load_state_dict_pre_hook(_load_unfused)
+
+    def reset_parameters(self) -> None:
+        """Three ``nn.Linear`` initialisations in turn (query, key, value): the same values and
+        random-number consumption as transformers' three separate layers."""
+        with torch.no_grad():
+            for weight, bias in zip(_thirds(self.qkv_weight), _thirds(self.qkv_bias), strict=True):
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                bound = 1.0 / math.sqrt(weight.shape[1]) if weight.shape[1] > 0 else 0.0
+                nn.init.uniform_(bias, -bound, bound)
 
     def qkv(self, x: Tensor) -> Tensor:
         """[B, T, hidden] -> [B, T, 3*hidden] laid out as [q | k | v]."""
-        weight = torch.cat((self.query.weight, self.key.weight, self.value.weight))
-        bias = torch.cat((self.query.bias, self.key.bias, self.value.bias))
-        return F.linear(x, weight, bias)
+        return F.linear(x, self.qkv_weight, self.qkv_bias)
 
     def attention_dropout(self) -> float:
         return self.dropout_prob if self.training else 0.0
+
+
+def _save_unfused(module: Attention, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    # Replaces the fused entries by transformers' six, in transformers' order
+    # (query.weight, query.bias, key.weight, …).
+    parts = unfuse_names((leaf, state_dict.pop(prefix + leaf)) for leaf in FUSED_QKV)
+    for proj in ("query", "key", "value"):
+        for kind in ("weight", "bias"):
+            state_dict[f"{prefix}{proj}.{kind}"] = parts[f"{proj}.{kind}"]
+
+
+def _load_unfused(
+    module: Attention,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    # Concatenates transformers' three entries into the fused one before torch's own loading
+    # (which then sees only the fused name). A missing or mis-shaped part is reported under
+    # its transformers name and leaves that slice as it is; the parts present still load.
+    for leaf, names in FUSED_QKV.items():
+        param = getattr(module, leaf)
+        current = _thirds(param.detach())
+        pieces = []
+        for name, own in zip(names, current, strict=True):
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                pieces.append(None)
+                continue
+            piece = state_dict.pop(key)
+            if piece.shape != own.shape:
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {piece.shape} from checkpoint, "
+                    f"the shape in current model is {own.shape}."
+                )
+                piece = None
+            pieces.append(piece)
+        if all(piece is None for piece in pieces):
+            # Nothing to load: the fused name must not be reported missing besides the parts.
+            state_dict[prefix + leaf] = param.detach()
+        elif any(piece is None for piece in pieces):
+            state_dict[prefix + leaf] = torch.cat(
+                [own if piece is None else piece.to(own) for own, piece in zip(current, pieces, strict=True)]
+            )
+        else:
+            state_dict[prefix + leaf] = torch.cat(pieces)
 
 
 class AttentionOutput(nn.Module):
@@ -269,8 +371,8 @@ class VisualFeatureEncoder(nn.Module):
 
 
 # Modules that read child parameters outside the child's forward (ZeRO-3 must gather them
-# whole): the fused Q/K/V projections, the residual+LayerNorm blocks (attention and FFN
-# outputs) and the visual embedding.
+# whole): the attention layers (their Attention child's fused Q/K/V parameters, read by
+# ``qkv``), the residual+LayerNorm blocks (attention and FFN outputs) and the visual embedding.
 ZERO3_LEAF_MODULES = (SelfAttentionLayer, CrossAttentionLayer, AttentionOutput, VisualFeatureEncoder)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from lxmert_fast.checks import check_shape, check_tensor, check_values_in_range, describe
 from lxmert_fast.config import LAYER_NORM_EPS, LxmertConfig
-from lxmert_fast.layers import CrossLayer, Layer, VisualFeatureEncoder, mask_to_bias
+from lxmert_fast.layers import Attention, CrossLayer, Layer, VisualFeatureEncoder, mask_to_bias
 from lxmert_fast.outputs import (
     LxmertForPreTrainingOutput,
     LxmertForQuestionAnsweringOutput,
@@ -233,6 +233,11 @@ class LxmertPreTrainedModel(nn.Module):
                 if module.padding_idx is not None:
                     with torch.no_grad():
                         module.weight[module.padding_idx].zero_()
+            elif isinstance(module, Attention):
+                # Query, key and value rows in turn, as transformers' three nn.Linear.
+                for rows in module.qkv_weight.chunk(3):
+                    nn.init.normal_(rows, 0.0, std)
+                nn.init.zeros_(module.qkv_bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)

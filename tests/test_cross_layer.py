@@ -6,6 +6,7 @@ from lxmert_testing import SMALL, hf_config, make_batch, max_abs_diff, twins
 
 import lxmert_fast
 from lxmert_fast import CrossLayer, replace_cross_layers
+from lxmert_fast.layers import unfuse_names
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.lxmert.modeling_lxmert import LxmertXLayer  # noqa: E402
@@ -51,7 +52,9 @@ def test_gradients_match():
         layer.zero_grad()
         out = layer(lang, lm, vis, None)
         (out[0].square().sum() + out[1].sin().sum()).backward()
-        grads.append([lang.grad.clone(), vis.grad.clone()] + [p.grad.clone() for p in layer.parameters()])
+        # Parameter gradients by transformers' name (ours: fused Q/K/V split in its slices).
+        named = unfuse_names((name, p.grad.clone()) for name, p in layer.named_parameters())
+        grads.append([lang.grad.clone(), vis.grad.clone()] + [named[name] for name in sorted(named)])
     assert max_abs_diff(grads[0], grads[1]) <= 1e-5
 
 

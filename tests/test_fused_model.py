@@ -10,6 +10,7 @@ from lxmert_testing import SMALL, hf_config, make_batch, max_abs_diff, max_scale
 
 import lxmert_fast
 from lxmert_fast import CrossLayer
+from lxmert_fast.layers import unfuse_names
 
 pytest.importorskip("triton")
 transformers = pytest.importorskip("transformers")
@@ -45,7 +46,9 @@ def test_cross_layer_matches_transformers_forward_and_gradients(batch, lang_len,
         with lxmert_fast.use_backend(backend):
             out = layer(lang, lm, vis, vm)
         (out[0].square().mean() + out[1].tanh().sum()).backward()
-        results.append([*out, lang.grad.clone(), vis.grad.clone(), *(p.grad for p in layer.parameters())])
+        # Parameter gradients by transformers' name (ours: fused Q/K/V split in its slices).
+        grads = unfuse_names((name, p.grad) for name, p in layer.named_parameters())
+        results.append([*out, lang.grad.clone(), vis.grad.clone(), *(grads[name] for name in sorted(grads))])
     assert max_abs_diff(results[0][:2], results[1][:2]) <= 1e-5
     assert max_scaled_diff(results[0], results[1]) <= 1e-5
 

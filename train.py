@@ -163,7 +163,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--save_every", type=int, default=200)
     r.add_argument("--keep_checkpoints", type=int, default=2)
     r.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT/checkpoints"
+        "--resume",
+        action="store_true",
+        help="continue the run in OUTPUT: from the checkpoint OUTPUT/checkpoints/latest names, or the "
+        "newest complete one if that is missing or incomplete",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an OUTPUT that holds another run: first DELETES its checkpoints/, "
+        "log.jsonl, export/ and tensorboard/ (without --resume or --overwrite such an OUTPUT is refused)",
     )
     r.add_argument("--no_export", action="store_true")
     r.add_argument("--no_progress", action="store_true")
@@ -304,6 +313,7 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     import lxmert_fast
+    from lxmert_fast import atomic, rundir
     from lxmert_fast import pretraining as pt
     from lxmert_fast.data import (
         AnswerTable,
@@ -328,6 +338,8 @@ def main() -> None:
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // local_world - 1))
+    # Before anything is written: lock OUTPUT, refuse another run's state, pick the checkpoint.
+    run = rundir.open_run(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     preset = args.preset or ("paper" if cuda else "small")
     lr = args.lr or (1e-4 if preset == "paper" else 1e-3)
     config = ds_config(args, cuda)
@@ -410,16 +422,14 @@ def main() -> None:
             backend=args.compile_backend, compile_kwargs={"mode": "reduce-overhead"} if cuda else {}
         )
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
     micro_step = 0
-    if args.resume:
-        path, client = engine.load_checkpoint(ckpt_dir)
+    if run.resume_tag is not None:
+        path, client = engine.load_checkpoint(run.ckpt_dir, tag=run.resume_tag)
         if path is None:
-            if rank == 0:
-                print(f"--resume: no checkpoint in {ckpt_dir}; starting from step 0", flush=True)
-        else:
-            micro_step = client["micro_step"]
+            raise SystemExit(
+                f"--resume: DeepSpeed could not load {os.path.join(run.ckpt_dir, run.resume_tag)}"
+            )
+        micro_step = client["micro_step"]
     step = micro_step // accum
     log = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None  # noqa: SIM115
     tb = None
@@ -506,20 +516,11 @@ def main() -> None:
         engine.train()
         return result
 
-    def save(step: int) -> None:
-        engine.save_checkpoint(
-            ckpt_dir, tag=f"step{step}", client_state={"micro_step": micro_step, "step": step}
-        )
-        dist.barrier()
-        if rank == 0:
-            tags = sorted((d for d in os.listdir(ckpt_dir) if d.startswith("step")), key=lambda d: int(d[4:]))
-            for old in tags[: -args.keep_checkpoints]:
-                shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-
     def write(record: dict) -> None:
         if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            with atomic.reporting_disk_full(log.name):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             if tb is not None:
                 for k, v in record.items():
                     if isinstance(v, int | float) and k != "step":
@@ -594,7 +595,7 @@ def main() -> None:
                 write({"step": step, "split": "valid", **evaluate()})
                 window_start += time.time() - eval_start  # samples/s counts training time only
             if args.save_every and (step % args.save_every == 0 or step == total_steps):
-                save(step)
+                run.save_checkpoint(engine, step, micro_step, args.keep_checkpoints)
                 if args.kill_after_step == step:
                     if log is not None:
                         log.close()
@@ -605,7 +606,7 @@ def main() -> None:
         bar.close()
 
     if not args.no_export:
-        export = os.path.join(args.output_dir, "export")
+        export = run.export_dir
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(
             params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")
@@ -614,9 +615,11 @@ def main() -> None:
                 state = {k: v.detach().float().cpu().clone() for k, v in engine.module.state_dict().items()}
                 fresh = lxmert_fast.LxmertForPreTraining(model_config)
                 fresh.load_state_dict(state)
-                fresh.save_pretrained(export)
-                shutil.copy(vocab, os.path.join(export, "vocab.txt"))
-                shutil.copy(answers_path, os.path.join(export, "all_ans.json"))
+                # Written aside and swapped in whole: the previous export survives any fault.
+                with atomic.publishing_dir(export) as tmp:
+                    fresh.save_pretrained(tmp)
+                    shutil.copy(vocab, os.path.join(tmp, "vocab.txt"))
+                    shutil.copy(answers_path, os.path.join(tmp, "all_ans.json"))
         dist.barrier()
     if rank == 0:
         print(
@@ -629,6 +632,7 @@ def main() -> None:
         if tb is not None:
             tb.close()
     dist.barrier()
+    run.close()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,6 +13,17 @@ steps, saves DeepSpeed checkpoints every ``--save_every`` steps and exports the 
 Hugging Face format to ``OUTPUT/export``. ``--resume`` continues from the latest checkpoint
 with the same step, schedule, data order and random streams: every random draw (data,
 dropout, object masking) is a function of (seed, rank, micro-step), not of process history.
+
+Bad input stops the run with a message naming the flag, file or image: flags are range-checked
+by argparse (``--lr 0`` or ``--max_steps -5`` is an error, not a default); each batch gets the
+model's value checks on the host (the model's own are off so the step never waits on the GPU); a
+NaN or Inf loss stops every rank, naming the step and the loss term, exit status 1 — read from
+device-side flags once per ``--log_every`` window and before each checkpoint and the export,
+never per step. On ``--resume`` the flags recorded with the checkpoint are compared with this
+run's: one that fixes the data order or the optimizer state (micro batch, accumulation, ZeRO
+stage, world size, precision, optimizer, seed, data, ...) is refused if changed; a change of
+``--lr``, the run length, the loss weights or the masking rates is announced and applies from
+the resumed step.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -34,6 +46,48 @@ if not torch.cuda.is_available():
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("mlm", "matched", "obj", "qa")
+VISUAL_LOSSES = ("obj", "attr", "feat")
+MAX_SEED = 2**31 - 1  # the per-step reseed (seed * 1_000_003 + micro_step) * 4099 + rank stays below 2**64
+
+
+def int_flag(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]. argparse names the flag in the error, this says
+    what was expected and what was found (a 0 or -1 no longer falls back to a default or a loop bound)."""
+    want = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {value}")
+        return value
+
+    return parse
+
+
+def float_flag(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high], or (low, high] with ``low_open``; NaN and
+    Inf are refused (a NaN weight or rate trains NaN)."""
+    if high == math.inf:
+        want = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        want = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text}")
+        return value
+
+    return parse
+
+
+PROBABILITY = float_flag(0.0, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--features", help="comma-separated feature TSV files and/or converted store directories")
     d.add_argument(
         "--store_dir",
-        help="where TSVs are converted to a memory-mapped store (default DATA_DIR/feature_store)",
+        help="where TSVs are converted to a memory-mapped store (default DATA_DIR/feature_store); a store "
+        "converted from other files is rebuilt there by default, refused when named here",
     )
     d.add_argument("--fp16_features", action="store_true", help="store converted features as float16")
     d.add_argument("--vocab", help="WordPiece vocab.txt (default DATA_DIR/vocab.txt)")
@@ -64,20 +119,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     d.add_argument(
         "--max_seq_len",
-        type=int,
+        type=int_flag(3),
         default=None,
         help="[CLS] + words + [SEP], padded (default 20, the authors'; 12 for the synthetic set)",
     )
     d.add_argument(
         "--num_boxes",
-        type=int,
+        type=int_flag(1),
         default=None,
         help="boxes per image (default 36; the synthetic set's own count)",
     )
     d.add_argument(
-        "--num_workers", type=int, default=None, help="loader workers (default 0 on CPU, 4 on GPU)"
+        "--num_workers", type=int_flag(0), default=None, help="loader workers (default 0 on CPU, 4 on GPU)"
     )
-    d.add_argument("--synthetic_images", type=int, default=1000, help="training images when generating")
+    d.add_argument(
+        "--synthetic_images", type=int_flag(1), default=1000, help="training images when generating"
+    )
 
     m = p.add_argument_group("model")
     m.add_argument(
@@ -92,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         t.add_argument(f"--task_{task}", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--visual_losses", default="obj,attr,feat", help="subset of obj,attr,feat")
     for loss in ("mlm", "matched", "obj", "attr", "feat", "qa"):
-        t.add_argument(f"--weight_{loss}", type=float, default=1.0)
+        t.add_argument(f"--weight_{loss}", type=float_flag(0.0), default=1.0)
     t.add_argument(
         "--obj_loss_on",
         choices=("all", "masked"),
@@ -105,9 +162,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="constant",
         help="constant: QA weight 1 throughout (released code); authors: 0 for the first half, then 2",
     )
-    t.add_argument("--word_mask_rate", type=float, default=0.15)
-    t.add_argument("--obj_mask_rate", type=float, default=0.15)
-    t.add_argument("--mismatch_rate", type=float, default=0.5, help="probability the sentence is replaced")
+    t.add_argument("--word_mask_rate", type=PROBABILITY, default=0.15)
+    t.add_argument(
+        "--obj_mask_rate",
+        type=float_flag(0.0, 1.0, low_open=True),
+        default=0.15,
+        help="probability an object is masked, in (0, 1]: visual losses are scaled by its inverse "
+        "(--no-task_obj turns them off)",
+    )
+    t.add_argument(
+        "--mismatch_rate", type=PROBABILITY, default=0.5, help="probability the sentence is replaced"
+    )
 
     o = p.add_argument_group("optimisation")
     o.add_argument(
@@ -117,11 +182,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch AdamW, or the authors' Adam without bias correction",
     )
     o.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default 1e-4 paper, 1e-3 small/tiny)"
+        "--lr",
+        type=float_flag(0.0, low_open=True),
+        default=None,
+        help="peak learning rate (default 1e-4 paper, 1e-3 small/tiny)",
     )
-    o.add_argument("--warmup_ratio", type=float, default=0.05)
-    o.add_argument("--weight_decay", type=float, default=0.01)
-    o.add_argument("--adam_eps", type=float, default=1e-6)
+    o.add_argument("--warmup_ratio", type=PROBABILITY, default=0.05)
+    o.add_argument("--weight_decay", type=float_flag(0.0), default=0.01)
+    o.add_argument("--adam_eps", type=float_flag(0.0, low_open=True), default=1e-6)
     o.add_argument(
         "--fused_optimizer",
         action=argparse.BooleanOptionalAction,
@@ -129,15 +197,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fused/multi-tensor optimizer step (default: fused AdamW on CUDA, multi-tensor otherwise); "
         "--no-fused_optimizer: the per-parameter loop",
     )
-    o.add_argument("--epochs", type=float, default=20)
+    o.add_argument(
+        "--epochs",
+        type=float_flag(0.0, low_open=True),
+        default=None,
+        help="passes over the training set (default 20; on the synthetic set on CPU, 1000 steps "
+        "unless --epochs or --max_steps is given)",
+    )
     o.add_argument(
         "--max_steps",
-        type=int,
+        type=int_flag(1),
         default=None,
-        help="optimizer steps (overrides --epochs; 1000 for the synthetic default on CPU)",
+        help="optimizer steps (overrides --epochs)",
     )
-    o.add_argument("--micro_batch", type=int, help="override train_micro_batch_size_per_gpu")
-    o.add_argument("--grad_accum", type=int, help="override gradient_accumulation_steps")
+    o.add_argument("--micro_batch", type=int_flag(1), help="override train_micro_batch_size_per_gpu")
+    o.add_argument("--grad_accum", type=int_flag(1), help="override gradient_accumulation_steps")
     o.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), help="override zero_optimization.stage")
     o.add_argument(
         "--precision",
@@ -145,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto: ds.json's bf16/fp16 if enabled there, else bf16 on GPU and fp32 on CPU",
     )
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int_flag(0, MAX_SEED), default=0)
     o.add_argument(
         "--capture",
         action=argparse.BooleanOptionalAction,
@@ -157,11 +231,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     r = p.add_argument_group("run")
     r.add_argument("--output_dir", default=os.path.join(REPO, "runs", "pretrain"))
-    r.add_argument("--log_every", type=int, default=10)
-    r.add_argument("--eval_every", type=int, default=200)
-    r.add_argument("--eval_batches", type=int, default=None, help="limit held-out batches per evaluation")
-    r.add_argument("--save_every", type=int, default=200)
-    r.add_argument("--keep_checkpoints", type=int, default=2)
+    r.add_argument("--log_every", type=int_flag(1), default=10)
+    r.add_argument("--eval_every", type=int_flag(0), default=200, help="0: never evaluate")
+    r.add_argument(
+        "--eval_batches", type=int_flag(1), default=None, help="limit held-out batches per evaluation"
+    )
+    r.add_argument("--save_every", type=int_flag(0), default=200, help="0: no checkpoints")
+    r.add_argument(
+        "--keep_checkpoints", type=int_flag(0), default=2, help="checkpoints of this run kept (0: all)"
+    )
     r.add_argument(
         "--resume",
         action="store_true",
@@ -178,7 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     r.add_argument("--no_progress", action="store_true")
     r.add_argument(
         "--cpu_threads",
-        type=int,
+        type=int_flag(1),
         default=None,
         help="torch threads per process on CPU (default: cores / local processes - 1, at least 1; "
         "oversubscribed OpenMP threads spin and run many times slower)",
@@ -192,7 +270,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     import deepspeed
 
     p = deepspeed.add_config_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    validate_args(p, args)
+    return args
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks across flags and of list-valued flags; errors the argparse way (usage, exit 2)."""
+    visual = [v for v in args.visual_losses.split(",") if v]
+    unknown = [v for v in visual if v not in VISUAL_LOSSES]
+    if unknown:
+        parser.error(
+            f"argument --visual_losses: expected a comma-separated subset of {','.join(VISUAL_LOSSES)}, "
+            f"got {args.visual_losses!r}"
+        )
+    if not any(getattr(args, f"task_{t}") for t in TASKS):
+        parser.error("arguments --task_*: every task is off; enable at least one of " + ", ".join(TASKS))
+    if not [d for d in args.answer_dsets.split(",") if d]:
+        parser.error("argument --answer_dsets: expected at least one dataset name, got ''")
+    if args.valid and not args.train:
+        parser.error("argument --valid: given without --train (the synthetic set brings its own)")
 
 
 def single_process_env() -> None:
@@ -214,10 +311,13 @@ def ds_config(args: argparse.Namespace, cuda: bool) -> dict:
     config.setdefault("train_micro_batch_size_per_gpu", 32)
     config.setdefault("gradient_accumulation_steps", 1)
     config.pop("train_batch_size", None)  # derived from micro batch x accumulation x world size
-    if args.micro_batch:
+    if args.micro_batch is not None:
         config["train_micro_batch_size_per_gpu"] = args.micro_batch
-    if args.grad_accum:
+    if args.grad_accum is not None:
         config["gradient_accumulation_steps"] = args.grad_accum
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
+            raise SystemExit(f"{path}: {key}: expected a positive integer, got {config[key]!r}")
     if args.zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     precision = args.precision
@@ -236,7 +336,7 @@ def prepare_data(args: argparse.Namespace, rank: int):
     Fills in the data-dependent defaults ``args.num_boxes`` and ``args.max_seq_len``."""
     import torch.distributed as dist
 
-    from lxmert_fast.data import convert_tsv_to_store, is_store, synthetic
+    from lxmert_fast.data import is_store, synthetic
 
     data_dir = args.data_dir
     use_synthetic = args.train is None
@@ -272,9 +372,8 @@ def prepare_data(args: argparse.Namespace, rank: int):
             synthetic.generate(
                 data_dir, num_train=args.synthetic_images, num_valid=max(20, args.synthetic_images // 10)
             )
-        if tsvs and not is_store(store_dir):
-            print(f"converting {len(tsvs)} feature TSV file(s) to {store_dir} (once)", flush=True)
-            convert_tsv_to_store(tsvs, store_dir, fp16=args.fp16_features)
+        if tsvs:
+            ensure_store(tsvs, store_dir, args.fp16_features, explicit=args.store_dir is not None)
     dist.barrier()
     if tsvs:
         stores.append(store_dir)
@@ -283,9 +382,113 @@ def prepare_data(args: argparse.Namespace, rank: int):
     vocab = args.vocab or os.path.join(data_dir, "vocab.txt")
     answers = args.answer_table or os.path.join(data_dir, "all_ans.json")
     object_words = args.object_words or os.path.join(data_dir, "object_words.txt")
-    args.num_boxes = args.num_boxes or (synthetic.NUM_BOXES if use_synthetic else 36)
-    args.max_seq_len = args.max_seq_len or (synthetic.MAX_SEQ_LEN if use_synthetic else 20)
+    if args.num_boxes is None:
+        args.num_boxes = synthetic.NUM_BOXES if use_synthetic else 36
+    if args.max_seq_len is None:
+        args.max_seq_len = synthetic.MAX_SEQ_LEN if use_synthetic else 20
     return train, valid, stores[0], vocab, answers, object_words if os.path.isfile(object_words) else None
+
+
+def ensure_store(tsvs: list[str], store_dir: str, fp16: bool, explicit: bool) -> None:
+    """Convert ``tsvs`` into ``store_dir`` unless it already is their conversion (same files, sizes,
+    times, dtype, as the store records). A store of other files is rebuilt when it is the default
+    ``DATA_DIR/feature_store`` and refused when named by --store_dir: never used in their place."""
+    from lxmert_fast.data import convert_tsv_to_store, is_store
+    from lxmert_fast.data.store import store_mismatch
+
+    if is_store(store_dir):
+        why = store_mismatch(store_dir, tsvs, fp16=fp16)
+        if why is None:
+            return
+        if explicit:
+            raise SystemExit(
+                f"--store_dir {store_dir}: not a conversion of --features as given ({why}); remove it, "
+                "name another --store_dir, or pass the store directory itself in --features"
+            )
+        print(f"re-converting the feature store: {why}", flush=True)
+    print(f"converting {len(tsvs)} feature TSV file(s) to {store_dir} (once)", flush=True)
+    convert_tsv_to_store(tsvs, store_dir, fp16=fp16)
+
+
+def total_steps_of(args: argparse.Namespace, per_epoch: int, cuda: bool) -> int:
+    """Optimizer steps of the run: --max_steps, else --epochs x steps per epoch; the synthetic set
+    on the CPU defaults to 1000 steps when neither is given (its epochs are a few steps)."""
+    if args.max_steps is not None:
+        return args.max_steps
+    if args.epochs is None and not cuda and args.train is None:
+        return 1000
+    epochs = 20.0 if args.epochs is None else args.epochs
+    steps = int(epochs * per_epoch)
+    if steps < 1:
+        raise SystemExit(
+            f"--epochs {epochs:g}: {epochs:g} x {per_epoch} optimizer steps per epoch is less than one step; "
+            "give more epochs or --max_steps"
+        )
+    return steps
+
+
+# Flags a resumed run must share with its checkpoint: they fix the data order (seed, batch
+# geometry, data), the optimizer state's layout (ZeRO stage, world size, precision, optimizer)
+# or the model's inputs. Flags in RESUME_CHANGEABLE may change; the message says what it does.
+RESUME_FIXED = {
+    "preset": "--preset",
+    "world": "the world size (processes)",
+    "micro_batch": "--micro_batch",
+    "grad_accum": "--grad_accum",
+    "zero_stage": "--zero_stage",
+    "precision": "--precision",
+    "optimizer": "--optimizer",
+    "weight_decay": "--weight_decay",
+    "adam_eps": "--adam_eps",
+    "seed": "--seed",
+    "max_seq_len": "--max_seq_len",
+    "num_boxes": "--num_boxes",
+    "tasks": "--task_*",
+    "visual_losses": "--visual_losses",
+    "train": "--train / --data_dir",
+    "features": "--features / --store_dir",
+}
+RESUME_CHANGEABLE = {
+    "lr": ("--lr", "the new peak learning rate applies from this step (same warmup and decay shape)"),
+    "total_steps": (
+        "--max_steps / --epochs",
+        "the warmup and decay schedule is recomputed for the new length",
+    ),
+    "warmup_ratio": ("--warmup_ratio", "the schedule is recomputed with the new warmup"),
+    "weights": ("--weight_*", "the new loss weights apply from this step"),
+    "qa_schedule": ("--qa_schedule", "applies from this step"),
+    "obj_loss_on": ("--obj_loss_on", "applies from this step"),
+    "word_mask_rate": ("--word_mask_rate", "new masking from this step"),
+    "obj_mask_rate": ("--obj_mask_rate", "new masking and visual-loss scale from this step"),
+    "mismatch_rate": ("--mismatch_rate", "new mismatched pairs from this step"),
+}
+
+
+def resume_changes(recorded: dict | None, current: dict, checkpoint: str) -> tuple[str | None, list[str]]:
+    """Compare the flags ``checkpoint`` was trained with (``recorded``) with this run's.
+    Returns (an error naming every flag that cannot change, or None; notes on allowed changes)."""
+    if not recorded:
+        return None, [
+            f"--resume: {checkpoint} records no flags (saved by an older version): changes not checked"
+        ]
+    fixed = [
+        f"{name} {recorded.get(key)!r} (now {current.get(key)!r})"
+        for key, name in RESUME_FIXED.items()
+        if key in recorded and recorded[key] != current.get(key)
+    ]
+    error = None
+    if fixed:
+        error = (
+            f"--resume: {checkpoint} was trained with {'; '.join(fixed)}. These cannot change when resuming "
+            "(they fix the data order, the optimizer state's layout or the model's inputs): pass the values "
+            "it was trained with, or start a new run (--overwrite, or another --output_dir)"
+        )
+    notes = [
+        f"--resume: {name} changed from {recorded[key]!r} to {current.get(key)!r}: {effect}"
+        for key, (name, effect) in RESUME_CHANGEABLE.items()
+        if key in recorded and recorded[key] != current.get(key)
+    ]
+    return error, notes
 
 
 def jsonable(counts: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -337,11 +540,14 @@ def main() -> None:
         torch.cuda.set_device(args.local_rank)
     else:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(args.cpu_threads or max(1, (os.cpu_count() or 1) // local_world - 1))
+        threads = args.cpu_threads
+        torch.set_num_threads(
+            threads if threads is not None else max(1, (os.cpu_count() or 1) // local_world - 1)
+        )
     # Before anything is written: lock OUTPUT, refuse another run's state, pick the checkpoint.
     run = rundir.open_run(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     preset = args.preset or ("paper" if cuda else "small")
-    lr = args.lr or (1e-4 if preset == "paper" else 1e-3)
+    lr = args.lr if args.lr is not None else (1e-4 if preset == "paper" else 1e-3)
     config = ds_config(args, cuda)
     micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
 
@@ -375,10 +581,50 @@ def main() -> None:
         eval_sets.append(("object_word_", dataset(valid_ex, seed=args.seed + 1, **clean)))
     sampler = EpochBatchSampler(len(train_set), micro, rank, world, seed=args.seed)
     per_epoch = len(sampler) // accum
-    total_steps = args.max_steps or (
-        1000 if not cuda and args.train is None else int(args.epochs * per_epoch)
-    )
+    total_steps = total_steps_of(args, per_epoch, cuda)
     workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
+    precision = "bf16" if config["bf16"]["enabled"] else "fp16" if config["fp16"]["enabled"] else "fp32"
+    # Saved with every checkpoint (client_state and run.json, key "args") and compared on --resume.
+    run.args = {
+        "preset": preset,
+        "world": world,
+        "micro_batch": micro,
+        "grad_accum": accum,
+        "zero_stage": config.get("zero_optimization", {}).get("stage", 0),
+        "precision": precision,
+        "optimizer": args.optimizer,
+        "weight_decay": args.weight_decay,
+        "adam_eps": args.adam_eps,
+        "seed": args.seed,
+        "max_seq_len": args.max_seq_len,
+        "num_boxes": args.num_boxes,
+        "tasks": [t for t in TASKS if getattr(args, f"task_{t}")],
+        "visual_losses": sorted(v for v in args.visual_losses.split(",") if v),
+        "train": [os.path.abspath(f) for f in train_json],
+        "features": os.path.abspath(store_dir),
+        "lr": lr,
+        "total_steps": total_steps,
+        "warmup_ratio": args.warmup_ratio,
+        "weights": {k: getattr(args, f"weight_{k}") for k in pt.TASK_LOSSES},
+        "qa_schedule": args.qa_schedule,
+        "obj_loss_on": args.obj_loss_on,
+        "word_mask_rate": args.word_mask_rate,
+        "obj_mask_rate": args.obj_mask_rate,
+        "mismatch_rate": args.mismatch_rate,
+    }
+    if run.resume_tag is not None:
+        outcome: list = [None]
+        if rank == 0:
+            marker = rundir.read_marker(os.path.join(run.ckpt_dir, run.resume_tag)) or {}
+            outcome = [resume_changes(marker.get("args"), run.args, run.resume_tag)]
+        if world > 1:
+            dist.broadcast_object_list(outcome, src=0)
+        error, notes = outcome[0]
+        if error:
+            raise SystemExit(error)
+        if rank == 0:
+            for note in notes:
+                print(note, flush=True)
 
     tasks = {t: getattr(args, f"task_{t}") for t in TASKS}
     model_config = pt.build_config(
@@ -430,6 +676,16 @@ def main() -> None:
                 f"--resume: DeepSpeed could not load {os.path.join(run.ckpt_dir, run.resume_tag)}"
             )
         micro_step = client["micro_step"]
+        # The checkpoint restored the scheduler's base learning rates: this run's --lr and schedule
+        # (recomputed for total_steps) apply from here, as resume_changes announced.
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        resumed = [
+            base * f(scheduler.last_epoch)
+            for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, value in zip(optimizer.param_groups, resumed, strict=True):
+            group["lr"] = value
+        scheduler._last_lr = resumed
     step = micro_step // accum
     log = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None  # noqa: SIM115
     tb = None
@@ -455,7 +711,17 @@ def main() -> None:
     def to_device(batch: dict) -> dict:
         return {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
 
-    def run_batch(batch: dict, obj_seed: int, obj_offset: int):
+    def check_batch(batch: dict, examples: list) -> None:
+        """The model's value checks (ids, boxes, class ids), run here on the CPU batch: the model's
+        own are off (model.lxmert.check_inputs) so that the step never waits on the device."""
+        try:
+            pt.check_batch(engine.module, batch)
+        except ValueError as exc:
+            images = sorted({examples[i].img_id for i in batch["index"].tolist()})
+            raise ValueError(f"{exc} (a batch of images {', '.join(images)})") from exc
+
+    def run_batch(batch: dict, obj_seed: int, obj_offset: int, examples: list):
+        check_batch(batch, examples)
         use_vmask = not bool((batch["visual_mask"] > 0).all())
         # Sparse heads: the rows to decode come from the CPU batch, so the step on the device has
         # fixed shapes and no value-dependent control flow.
@@ -492,7 +758,7 @@ def main() -> None:
                     if args.eval_batches is not None and i >= args.eval_batches:
                         break
                     out, counts, _ = run_batch(
-                        batch, args.seed + 2, (i * world + rank) * micro * args.num_boxes
+                        batch, args.seed + 2, (i * world + rank) * micro * args.num_boxes, valid_ex
                     )
                     for k, v in counts.items():
                         sums[k] = sums.get(k, 0) + v
@@ -526,6 +792,29 @@ def main() -> None:
                     if isinstance(v, int | float) and k != "step":
                         tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, record["step"])
 
+    def stop_if_nonfinite(first: dict[str, int] | None = None) -> None:
+        """Stop every rank, naming the optimizer step and the loss terms, if a loss term was NaN or
+        Inf since the last logged step. The flags live on the device (RunningMetrics); they are read
+        here (``first``: as read with the logged values), before each save and before the export,
+        never per step."""
+        first = metrics.first_nonfinite() if first is None else first
+        if not first:
+            return
+        keys = sorted(first)
+        never = 2**62
+        steps = torch.tensor([first[k] if first[k] >= 0 else never for k in keys], device=engine.device)
+        if world > 1:
+            dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+        bad = {k: int(v) for k, v in zip(keys, steps.tolist(), strict=True) if v < never}
+        if not bad:
+            return
+        at = min(bad.values())
+        terms = [k for k, v in bad.items() if v == at and k != "loss"] or ["loss"]
+        raise SystemExit(
+            f"step {at // accum + 1} (micro-step {at}): the {', '.join(terms)} loss is NaN or Inf; training "
+            "stopped, nothing saved after it. Lower --lr, check the data, or resume from the last checkpoint"
+        )
+
     bar = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
@@ -545,7 +834,7 @@ def main() -> None:
             qa_w = pt.qa_weight(args.qa_schedule, step, total_steps)
             task_weights = {**weights, "qa": weights["qa"] * qa_w}
             out, counts, inputs = run_batch(
-                batch, args.seed, (micro_step * world + rank) * micro * args.num_boxes
+                batch, args.seed, (micro_step * world + rank) * micro * args.num_boxes, train_ex
             )
             loss = pt.weighted_loss(out.losses, task_weights)
             engine.backward(loss)
@@ -556,7 +845,8 @@ def main() -> None:
             micro_step += 1
             window_samples += micro * world
             # Summed on the device: the host reads them once per logging window, not every step.
-            metrics.add_losses({**out.losses, "loss": loss}, weight=1.0 / accum)
+            # step: this micro-step's index (micro_step already counts it).
+            metrics.add_losses({**out.losses, "loss": loss}, weight=1.0 / accum, step=micro_step - 1)
             metrics.add_counts(counts)
             if micro_step % accum:
                 continue
@@ -564,6 +854,7 @@ def main() -> None:
             if step % args.log_every == 0 or step == total_steps:
                 rate = window_samples / max(time.time() - window_start, 1e-9)
                 tflops = rate * flops_per_sample / 1e12
+                nonfinite = metrics.first_nonfinite()
                 values = metrics.read()
                 record = {
                     "step": step,
@@ -580,6 +871,7 @@ def main() -> None:
                     record["fallbacks"] = fallbacks
                     lxmert_fast.backend.reset_fallback_counts()
                 write(record)
+                stop_if_nonfinite(nonfinite)
                 window_start, window_samples = time.time(), 0
                 if bar is not None:
                     postfix = dict(
@@ -595,6 +887,7 @@ def main() -> None:
                 write({"step": step, "split": "valid", **evaluate()})
                 window_start += time.time() - eval_start  # samples/s counts training time only
             if args.save_every and (step % args.save_every == 0 or step == total_steps):
+                stop_if_nonfinite()
                 run.save_checkpoint(engine, step, micro_step, args.keep_checkpoints)
                 if args.kill_after_step == step:
                     if log is not None:
@@ -604,6 +897,7 @@ def main() -> None:
                 break
     if bar is not None:
         bar.close()
+    stop_if_nonfinite()
 
     if not args.no_export:
         export = run.export_dir

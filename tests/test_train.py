@@ -7,6 +7,7 @@ most of it importing DeepSpeed.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,153 @@ def test_synthetic_set_of_an_older_format_is_regenerated(tmp_path):
     assert "old_0" not in store and store["syn_train_000000"]["num_boxes"] == NUM_BOXES
     train, _ = read_log(tmp_path / "out")
     assert [r["step"] for r in train] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_under_test", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BAD_FLAGS = [
+    (["--lr", "0"], "--lr: expected a finite number > 0, got 0"),
+    (["--micro_batch", "0"], "--micro_batch: expected an integer >= 1, got 0"),
+    (["--micro_batch", "-1"], "--micro_batch: expected an integer >= 1, got -1"),
+    (["--grad_accum", "0"], "--grad_accum: expected an integer >= 1, got 0"),
+    (["--num_boxes", "0"], "--num_boxes: expected an integer >= 1, got 0"),
+    (["--max_steps", "0"], "--max_steps: expected an integer >= 1, got 0"),
+    (["--max_steps", "-5"], "--max_steps: expected an integer >= 1, got -5"),
+    (["--save_every", "-1"], "--save_every: expected an integer >= 0, got -1"),
+    (["--keep_checkpoints", "-1"], "--keep_checkpoints: expected an integer >= 0, got -1"),
+    (["--weight_mlm", "nan"], "--weight_mlm: expected a finite number >= 0, got nan"),
+    (["--lr", "inf"], "--lr: expected a finite number > 0, got inf"),
+    (["--epochs", "0"], "--epochs: expected a finite number > 0, got 0"),
+    (["--obj_mask_rate", "0"], r"--obj_mask_rate: expected a number in \(0, 1\], got 0"),
+    (["--obj_mask_rate", "1.5"], r"--obj_mask_rate: expected a number in \(0, 1\], got 1.5"),
+    (["--word_mask_rate", "-0.1"], r"--word_mask_rate: expected a number in \[0, 1\], got -0.1"),
+    (["--mismatch_rate", "2"], r"--mismatch_rate: expected a number in \[0, 1\], got 2"),
+    (["--seed", "-1"], r"--seed: expected an integer in \[0, 2147483647\], got -1"),
+    (["--max_seq_len", "1"], "--max_seq_len: expected an integer >= 3, got 1"),
+    (["--log_every", "0"], "--log_every: expected an integer >= 1, got 0"),
+    (["--micro_batch", "two"], "--micro_batch: expected an integer >= 1, got 'two'"),
+    (["--visual_losses", "obj,box"], "--visual_losses: expected a comma-separated subset of obj,attr,feat"),
+    ([f"--no-task_{t}" for t in ("mlm", "matched", "obj", "qa")], "every task is off"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_argparse_errors_naming_the_flag(train_module, capsys, argv, message):
+    with pytest.raises(SystemExit) as exited:
+        train_module.parse_args(argv)
+    assert exited.value.code == 2
+    assert re.search(message, capsys.readouterr().err), message
+
+
+def test_explicit_flags_are_used_not_defaults(train_module):
+    args = train_module.parse_args(["--epochs", "1", "--micro_batch", "3", "--grad_accum", "2"])
+    assert train_module.total_steps_of(args, per_epoch=6, cuda=False) == 6  # not the synthetic 1000
+    config = train_module.ds_config(args, cuda=False)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (3, 2)
+    assert train_module.total_steps_of(train_module.parse_args([]), per_epoch=6, cuda=False) == 1000
+    assert train_module.total_steps_of(train_module.parse_args(["--max_steps", "7"]), 6, cuda=False) == 7
+    with pytest.raises(
+        SystemExit, match=r"--epochs 0\.1: 0\.1 x 6 optimizer steps per epoch is less than one"
+    ):
+        train_module.total_steps_of(train_module.parse_args(["--epochs", "0.1"]), 6, cuda=False)
+
+
+def test_resume_flag_changes_are_refused_or_announced(train_module):
+    recorded = {"micro_batch": 4, "zero_stage": 1, "lr": 1e-3, "total_steps": 4, "seed": 0}
+    error, notes = train_module.resume_changes(
+        recorded, {**recorded, "micro_batch": 8, "zero_stage": 2}, "step4"
+    )
+    assert "step4 was trained with --micro_batch 4 (now 8); --zero_stage 1 (now 2)" in error
+    error, notes = train_module.resume_changes(recorded, {**recorded, "lr": 2e-3}, "step4")
+    assert error is None and notes == [
+        "--resume: --lr changed from 0.001 to 0.002: the new peak learning rate applies from this step "
+        "(same warmup and decay shape)"
+    ]
+    assert "records no flags" in train_module.resume_changes(None, recorded, "step4")[1][0]
+
+
+def test_feature_store_of_other_files_is_rebuilt_or_refused(train_module, tmp_path, capsys):
+    # --features new.tsv with DATA_DIR/feature_store converted from other files: never used in their place.
+    from lxmert_fast.data import FeatureStore, read_feature_tsv
+    from lxmert_fast.data.synthetic import feature_file, generate
+
+    generate(str(tmp_path), num_train=3, num_valid=2, feat_dim=4, seed=0)
+    old, new = str(tmp_path / feature_file("train")), str(tmp_path / feature_file("valid"))
+    store = str(tmp_path / "feature_store")
+    train_module.ensure_store([old], store, fp16=False, explicit=False)
+    train_module.ensure_store([old], store, fp16=False, explicit=False)  # current: not converted again
+    assert capsys.readouterr().out.count("converting") == 1
+    with pytest.raises(
+        SystemExit, match=r"--store_dir .*feature_store: not a conversion of --features as given"
+    ):
+        train_module.ensure_store([new], store, fp16=False, explicit=True)
+    train_module.ensure_store([new], store, fp16=False, explicit=False)
+    assert "re-converting the feature store" in capsys.readouterr().out
+    assert set(FeatureStore(store).keys()) == {row["img_id"] for row in read_feature_tsv(new)}
+
+
+def test_resume_applies_a_new_lr_and_refuses_a_new_micro_batch(data_dir, tmp_path):
+    steps = ["--eval_every", "0", "--no_export", "--save_every", "2"]
+    run_train(data_dir, tmp_path, *steps, "--max_steps", "2")
+    resumed = run_train(data_dir, tmp_path, *steps, "--max_steps", "4", "--lr", "2e-3", "--resume")
+    assert "--resume: --lr changed from 0.001 to 0.002: the new peak learning rate applies" in resumed.stdout
+    assert "--resume: --max_steps / --epochs changed from 2 to 4" in resumed.stdout
+    train, _ = read_log(tmp_path)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    # The new schedule (4 steps, 1 warmup step, peak 2e-3) from the resumed step on.
+    assert train[2]["lr"] == pytest.approx(2e-3 * (4 - 3) / (4 - 1))
+    refused = run_train(
+        data_dir, tmp_path, *steps, "--max_steps", "6", "--micro_batch", "2", "--resume", check=False
+    )
+    assert refused.returncode != 0
+    assert "step4 was trained with --micro_batch 4 (now 2)" in refused.stderr
+    assert "These cannot change when resuming" in refused.stderr
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_term(data_dir, tmp_path):
+    # NaN features for one image (written into the converted store, past the converter's checks):
+    # the run stops at the next read of the device-side flags, naming the first bad step, exit != 0.
+    import shutil
+
+    import numpy as np
+
+    from lxmert_fast.data import (
+        AnswerTable,
+        EpochBatchSampler,
+        FeatureStore,
+        build_examples,
+        convert_tsv_to_store,
+        load_pretrain_json,
+    )
+    from lxmert_fast.data.synthetic import SPLITS, feature_file
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("feature_store"))
+    convert_tsv_to_store([data / feature_file(s) for s in SPLITS], data / "feature_store")
+    store = FeatureStore(data / "feature_store")
+    table = AnswerTable.load(data / "all_ans.json")
+    examples = build_examples(load_pretrain_json(data / "train.json"), table, image_ids=store.keys())
+    batches = [[examples[i].img_id for i in b] for b in EpochBatchSampler(len(examples), 4, seed=0)]
+    bad = next(img for img in batches[2] if img not in batches[0] + batches[1])  # first seen at step 3
+    start, n, _, _ = store.images[bad]
+    features = np.memmap(data / "feature_store" / "features.bin", dtype=np.float32, mode="r+")
+    features.reshape(-1, store.feature_dim)[start : start + n] = np.nan
+    features.flush()
+    del features
+
+    out = tmp_path / "out"
+    result = run_train(data, out, "--max_steps", "4", "--log_every", "4", "--save_every", "2", "--eval_every", "0",
+                       "--no_export", check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert re.search(
+        r"step 3 \(micro-step 2\): the [a-z, ]+ loss is NaN or Inf; training stopped", result.stderr
+    )
+    assert (out / "checkpoints" / "step2").is_dir() and not (out / "checkpoints" / "step4").exists()

@@ -33,7 +33,6 @@ import textwrap
 
 import pytest
 import torch
-from conftest import INTERPRETED
 
 pytest.importorskip("triton")
 
@@ -118,10 +117,9 @@ def test_seed_and_offset_never_change_the_compiled_kernel():
     assert len(report["checked"]) >= len(MODULES), report["checked"]
 
 
-@pytest.mark.skipif(
-    INTERPRETED or not torch.cuda.is_available(), reason="the interpreter has no compile cache; needs a GPU"
-)
-def test_one_compiled_kernel_serves_every_offset_on_the_gpu():
+def test_one_compiled_kernel_serves_every_offset_on_the_gpu(kernel_device):
+    if kernel_device.type != "cuda":
+        pytest.skip("the interpreter has no compile cache: counting compiled kernels needs a GPU")
     from lxmert_fast.kernels import residual_layer_norm
 
     variant = next(
@@ -130,7 +128,7 @@ def test_one_compiled_kernel_serves_every_offset_on_the_gpu():
     kernel = variant.fn
     ordered = [variant.args[p.name] for p in kernel.params]
     offset_at = [p.name for p in kernel.params].index("offset")
-    device = torch.cuda.current_device()
+    device = kernel_device.index if kernel_device.index is not None else torch.cuda.current_device()
     counts = []
     for offset in OFFSETS:
         ordered[offset_at] = offset

@@ -456,6 +456,19 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return summed / valid.sum().clamp(min=1)
 
 
+def _backbone_check_inputs() -> property:
+    """``check_inputs`` of a model with heads: the backbone's flag (``self.lxmert.check_inputs``),
+    read and set through the heads model, so ``model.check_inputs = False`` skips every value check."""
+
+    def get(self) -> bool:
+        return self.lxmert.check_inputs
+
+    def set_(self, value: bool) -> None:
+        self.lxmert.check_inputs = bool(value)
+
+    return property(get, set_, doc="Whether the inputs' values are checked (the backbone's flag).")
+
+
 class LxmertForPreTraining(LxmertPreTrainedModel):
     """LXMERT with every pre-training head and the six losses of the paper.
 
@@ -482,6 +495,8 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
     that is checked (on the host for CPU tensors, as device assertions otherwise). The shapes
     depend only on K, so a fixed K keeps a compiled / CUDA-graph step static.
     """
+
+    check_inputs = _backbone_check_inputs()
 
     def __init__(self, config: LxmertConfig | Any) -> None:
         super().__init__(config)
@@ -736,6 +751,8 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
     (transformers); float [B, num_qa_labels] soft scores → binary cross-entropy with logits
     times the number of answers (the authors' VQA/GQA fine-tuning).
     """
+
+    check_inputs = _backbone_check_inputs()
 
     def __init__(self, config: LxmertConfig | Any) -> None:
         super().__init__(config)

@@ -142,6 +142,25 @@ def test_boxes_on_the_edge_are_accepted_and_value_checks_can_be_disabled(model):
         model.check_inputs = True
 
 
+@pytest.mark.parametrize("heads", ["LxmertForPreTraining", "LxmertForQuestionAnswering"])
+def test_check_inputs_on_a_heads_model_controls_the_backbone(heads):
+    # Issue #17: model.check_inputs = False on a heads model used to set an unused attribute.
+    import lxmert_fast
+
+    model = getattr(lxmert_fast, heads)(CONFIG).eval()
+    assert model.check_inputs is True and model.lxmert.check_inputs is True
+    batch = good()
+    batch["visual_pos"] *= 2
+    with pytest.raises(ValueError, match="visual_pos: expected boxes normalised"):
+        model(**batch)
+    model.check_inputs = False
+    assert model.lxmert.check_inputs is False
+    model(**batch)
+    model.lxmert.check_inputs = True
+    assert model.check_inputs is True
+    assert "check_inputs" not in vars(model)
+
+
 def test_inputs_embeds_path_matches_ids(model):
     batch = good()
     embeds = model.embeddings.word_embeddings(batch["input_ids"])

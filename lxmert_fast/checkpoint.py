@@ -3,7 +3,7 @@
 Read:
 
 * a transformers directory: ``config.json`` + ``model.safetensors`` (or a sharded
-  ``model.safetensors.index.json``, or ``pytorch_model.bin``);
+  ``model.safetensors.index.json``, or ``pytorch_model.bin``, or a sharded ``pytorch_model.bin.index.json``);
 * the authors' pre-training checkpoints (``Epoch20_LXRT.pth``, ``model_LXRT.pth``): the
   transformers names with ``module.`` in front (DataParallel) and ``bert.`` for ``lxmert.``;
 * the authors' fine-tuned task checkpoints (``BEST.pth`` of VQA/GQA/NLVR2):
@@ -33,6 +33,8 @@ from lxmert_fast.config import CONFIG_NAME, LxmertConfig
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_NAME = "pytorch_model.bin"
+PYTORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+WEIGHTS_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME, PYTORCH_INDEX_NAME)
 TIED_DECODER = "cls.predictions.decoder.weight"
 TIED_SOURCE = "lxmert.embeddings.word_embeddings.weight"
 
@@ -143,16 +145,50 @@ def _index_shards(path: str) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
+# DeepSpeed's checkpoint layout: checkpoints/latest, checkpoints/stepN/mp_rank_00_model_states.pt
+# (a dict with "module", "buffer_names", "ds_version", ...) and zero_pp_rank_*_optim_states.pt.
+_DEEPSPEED_FILE = re.compile(
+    r"^(mp_rank_\d+_model_states|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states)\.pt$"
+)
+_DEEPSPEED_KEYS = ("buffer_names", "ds_version", "ds_config", "param_shapes")
+
+
+def _deepspeed_error(path: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: {what}, not model weights. Load the run's export/ directory (train.py writes "
+        "OUTPUT/export in transformers' format), or convert the checkpoint with DeepSpeed's "
+        "zero_to_fp32.py (copied into the checkpoint directory: python zero_to_fp32.py CHECKPOINT_DIR "
+        "OUT_DIR) and pass what it writes"
+    )
+
+
+def _is_deepspeed_dir(path: str) -> bool:
+    """A DeepSpeed checkpoint tag (stepN/) or the directory of tags (with ``latest``)."""
+    names = set(os.listdir(path))
+    if any(_DEEPSPEED_FILE.match(n) for n in names):
+        return True
+    if "latest" in names or "zero_to_fp32.py" in names:
+        return any(
+            os.path.isdir(os.path.join(path, n))
+            and any(map(_DEEPSPEED_FILE.match, os.listdir(os.path.join(path, n))))
+            for n in names
+        )
+    return False
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``) or directory."""
+    """The tensors of a weights file (``.safetensors``, ``.bin``, ``.pth``, ``.pt``) or directory.
+
+    A DeepSpeed checkpoint (file or directory) is refused with a message pointing to the export
+    directory and ``zero_to_fp32.py``."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME):
+        for name in WEIGHTS_NAMES:
             if os.path.exists(os.path.join(path, name)):
                 return read_state_dict(os.path.join(path, name))
-        raise FileNotFoundError(
-            f"{path}: no weights found; expected {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {PYTORCH_NAME}"
-        )
+        if _is_deepspeed_dir(path):
+            raise _deepspeed_error(path, "a DeepSpeed checkpoint directory")
+        raise FileNotFoundError(f"{path}: no weights found; expected one of {', '.join(WEIGHTS_NAMES)}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
     if path.endswith(".index.json"):
@@ -169,6 +205,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path}: not a readable safetensors file (truncated or corrupted?): {_first_line(exc)}"
             ) from exc
+    if _DEEPSPEED_FILE.match(os.path.basename(path)):
+        raise _deepspeed_error(path, "a DeepSpeed checkpoint file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises RuntimeError, EOFError, UnpicklingError, KeyError, ...
@@ -176,6 +214,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{path}: not a readable PyTorch checkpoint (truncated, corrupted, or not written by "
             f"torch.save): {_first_line(exc)}"
         ) from exc
+    if isinstance(loaded, dict) and "module" in loaded and any(k in loaded for k in _DEEPSPEED_KEYS):
+        raise _deepspeed_error(
+            path, "a DeepSpeed checkpoint file (keys 'module', 'buffer_names', 'ds_version', ...)"
+        )
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):

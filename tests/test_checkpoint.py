@@ -79,6 +79,36 @@ def test_sharded_safetensors_index(tmp_path, pretraining, inputs):
     assert max_abs_diff(outputs(loaded, inputs), outputs(pretraining, inputs)) == 0.0
 
 
+def test_sharded_bin_index(tmp_path, pretraining, inputs):
+    # The layout of transformers 4's save_pretrained(safe_serialization=False, max_shard_size=...).
+    state = {k: v.clone() for k, v in pretraining.state_dict().items()}
+    keys = sorted(state)
+    weight_map = {}
+    for i, shard_keys in enumerate((keys[::2], keys[1::2])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in shard_keys}, tmp_path / name)
+        weight_map.update(dict.fromkeys(shard_keys, name))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    pretraining.config.save_pretrained(tmp_path)
+    loaded = LxmertForPreTraining.from_pretrained(tmp_path)
+    assert max_abs_diff(outputs(loaded, inputs), outputs(pretraining, inputs)) == 0.0
+
+
+def test_deepspeed_checkpoint_points_to_the_export(tmp_path, pretraining):
+    # The layout DeepSpeed's save_checkpoint writes: checkpoints/{latest,zero_to_fp32.py,stepN/...}.
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step4").mkdir(parents=True)
+    (ckpt / "latest").write_text("step4")
+    states = {"module": pretraining.state_dict(), "buffer_names": [], "ds_version": "0.19.8", "ds_config": {}}
+    model_file = ckpt / "step4" / "mp_rank_00_model_states.pt"
+    torch.save(states, model_file)
+    renamed = tmp_path / "model_states.pt"
+    torch.save(states, renamed)
+    for path in (model_file, renamed, ckpt / "step4", ckpt):
+        with pytest.raises(CheckpointError, match=r"a DeepSpeed checkpoint .*export/ .*zero_to_fp32\.py"):
+            LxmertForPreTraining.from_pretrained(path)
+
+
 def authors_pretrain_dict(model):
     """Epoch20_LXRT.pth layout: DataParallel's module. prefix and bert. for lxmert."""
     out = {}

@@ -17,14 +17,23 @@ Layouts and dtypes
     of their input. ``weight``, ``bias``: [N], the dtype of ``x`` or fp32. ``out`` is a new
     contiguous tensor of the input's shape. ``N <= 4096`` (one row in one block).
 
+    A row is a 1-D block of ``BLOCK_N = 4 * BLOCK_Q`` features, the next power of two of ``N``
+    (at least 128), masked past ``N``: LXMERT's 768 takes 1024 (25% idle lanes, a power of two
+    being what ``tl.arange`` allows). With 16-byte-aligned pointers and row strides divisible by
+    16 elements (what the launcher passes at 768) the compiler emits 16-byte loads and stores
+    (``ld.global.v4.b32``, seen in the sm_90 PTX); ``num_warps = BLOCK_N / 256`` in 1..8.
+
 Dropout randomness
     Philox4x32-10 keyed by ``seed``, the project's convention (:mod:`lxmert_fast.philox`):
     row ``r`` uses counters ``offset + r * W + q`` for ``q < W = ceil(N / 4)`` and element
     ``(r, c)`` takes word ``c % 4`` of counter ``offset + r * W + c // 4``; it is dropped when
     its word ``>> 8`` (24 bits) is below ``floor(p * 2**24)`` (the rule of
     ``reference.probability_threshold``), so the drop rate is ``p`` to within 6e-8. One Philox
-    call feeds four elements, which keeps the generator cheaper than the memory traffic. The
-    backward regenerates the mask from (seed, offset); nothing of it is stored.
+    call feeds four elements: ``_keep_mask`` draws the ``BLOCK_Q`` counters of a row once and
+    lays the four words out as the 1-D row with ``tl.join`` + ``tl.reshape`` (drawing counter
+    ``c // 4`` per element would do the Philox work four times, and the 10 rounds of integer
+    multiplies would then cost more than the memory traffic). The backward regenerates the mask
+    from (seed, offset); nothing of it is stored.
     :func:`dropout_keep_mask` rebuilds the same mask in PyTorch for tests. The seed is an int64
     ``[1]`` tensor the kernels load: the dispatcher's entry point draws it per call ON THE DEVICE
     (:func:`lxmert_fast.philox.draw_seed`, offset 0), so there is no host draw or sync, a captured
@@ -45,13 +54,21 @@ Saved for backward
     ``x``. The public entry point saves nothing when autograd is off or no input needs a gradient.
 
 Grids
-    Forward: one program per row. Backward: ``min(R, 4 * SMs)`` programs (8 when interpreted).
+    Each program of the forward and the backward walks a contiguous range of ``rows_per_program``
+    rows (the last range may be shorter; no program is empty) and loads ``weight`` (and ``bias``)
+    once. Forward: ``rows_per_program = ceil(R / (16 * SMs))`` (16 four-warp programs fill an
+    SM), backward: ``ceil(R / (4 * SMs))``; 8 programs when interpreted. Row range, row count
+    and offset are not specialised (``do_not_specialize``): a new batch size compiles nothing.
+    dW/db reduction: ``ceil(N / 32)`` programs of 4 warps.
 
 Backward
     ``dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(w*dy * x_hat))``; ``d residual = dx``,
-    ``d hidden = dx * keep / (1 - p)``. Each program walks a fixed, contiguous range of rows and
-    writes one fp32 partial row of ``dW = sum dy * x_hat`` and ``db = sum dy``; the launcher
-    sums the partials in PyTorch: no atomics, bitwise reproducible on a given device.
+    ``d hidden = dx * keep / (1 - p)``. Each program writes one fp32 partial row of
+    ``dW = sum dy * x_hat`` and ``db = sum dy`` over its rows into ``[P, N]`` buffers; a second
+    kernel (``_residual_dropout_layer_norm_bwd_reduce``) sums the ``P`` partials of 32 columns per
+    program, 64 partial rows at a time in a fixed order, and writes dW/db in the dtypes of
+    ``weight`` and ``bias`` (zeros when ``R == 0``). No atomics and no torch ops after the
+    kernels: bitwise reproducible on a given device.
 
 Not supported (``supports`` says why): fp64, ``N > 4096``, ``weight`` of a dtype other than
 ``x``'s or fp32, ``bias`` of another dtype than ``weight``, CPU tensors unless
@@ -62,7 +79,10 @@ Hazards
     dtype before normalising, so half-precision results follow eager PyTorch's rounding, not an
     fp32 add; tests bound the error against an fp32 reference by twice the eager error. Two
     backward runs are bitwise equal on one device; a GPU with another SM count splits the dW/db
-    sums differently (last-bit differences).
+    sums differently (last-bit differences), and so does the interpreter's 8 programs. The
+    ``[P, N]`` partials are written whole by the first kernel and read by the second on the same
+    stream: nothing else orders them. A mixed-dtype row (half ``hidden``, fp32 ``residual``)
+    and the backward convert layouts through up to 4 KiB of shared memory per program.
 """
 
 from __future__ import annotations
@@ -83,29 +103,43 @@ from lxmert_fast.reference import probability_threshold
 Tensor = torch.Tensor
 
 MAX_HIDDEN = 4096
-# Row tiles of 4 * BLOCK_Q features: three sizes keep the variants to compile few; LXMERT's 768
-# fills 3/4 of the middle one.
-BLOCK_QS = (64, 256, 1024)
+# A row block holds 4 * BLOCK_Q features (BLOCK_Q Philox counters): the next power of two of N, at
+# least MIN_BLOCK_N so that narrow rows share the few variants to compile. LXMERT's 768 takes 1024.
+MIN_BLOCK_N = 128
+BLOCK_QS = tuple(2**k // 4 for k in range(MIN_BLOCK_N.bit_length() - 1, MAX_HIDDEN.bit_length()))
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# Backward programs per SM: several resident programs hide the latency of the row loop.
+# Programs per SM. Forward: a 1024-wide row takes 4 warps, 16 such programs fill an SM's 64 warps.
+# Backward: each program adds one fp32 partial row to the dW/db reduction, so fewer, longer ones.
+_FWD_PROGRAMS_PER_SM = 16
 _BWD_PROGRAMS_PER_SM = 4
-_INTERPRETER_BWD_PROGRAMS = 8
+# Interpreted: few programs, so that small test shapes still run several rows per program.
+_INTERPRETER_PROGRAMS = 8
+# The dW/db reduction: each program sums BLOCK_P partial rows at a time over REDUCE_COLS columns.
+REDUCE_COLS = 32
+REDUCE_ROWS = 64
+_REDUCE_WARPS = 4
 
 
 @triton.jit
-def _keep_mask(seed, offset, row, n_words, q, j, threshold):
-    """Dropout keep-mask of one row (int64) as a [BLOCK_Q, 4] tile (q: [BLOCK_Q, 1], j: [1, 4])."""
-    counter = offset + row * n_words + q
+def _keep_mask(seed, offset, row, n_words, threshold, BLOCK_Q: tl.constexpr):
+    """Dropout keep-mask of one row (int64) as a 1-D [4 * BLOCK_Q] block.
+
+    One Philox call per counter ``q`` yields the words of features ``4q .. 4q+3``; joining the four
+    words along new minor dimensions and flattening puts word ``c % 4`` of counter ``c // 4`` at
+    ``c`` without drawing any counter twice.
+    """
+    counter = offset + row * n_words + tl.arange(0, BLOCK_Q)
     c0 = counter.to(tl.uint32)
     c1 = (counter >> 32).to(tl.uint32)
     zero = c0 * 0
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
-    word = tl.where(j == 0, r0, tl.where(j == 1, r1, tl.where(j == 2, r2, r3)))
-    return (word >> 8).to(tl.int32) >= threshold
+    # join(join(r0, r2), join(r1, r3))[q, i, j] is word 2 * i + j of counter q.
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [4 * BLOCK_Q])
+    return (words >> 8).to(tl.int32) >= threshold
 
 
-@triton.jit(do_not_specialize=["offset", "save"])
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program", "offset", "save"])
 def _residual_dropout_layer_norm_fwd(
     out_ptr,  # [R, N] contiguous, x dtype
     x_ptr,  # [R, N] contiguous, x dtype: dropout(hidden) + residual (written if save)
@@ -119,6 +153,8 @@ def _residual_dropout_layer_norm_fwd(
     bias_ptr,  # [N]
     n_cols,
     n_words,  # ceil(N / 4): Philox counters per row
+    n_rows,
+    rows_per_program,  # program p normalises rows [p * rows_per_program, ...) below n_rows
     eps,
     seed_ptr,  # [1] int64 on the device: the Philox key (read only with dropout)
     offset,
@@ -128,34 +164,36 @@ def _residual_dropout_layer_norm_fwd(
     BLOCK_Q: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    q = tl.arange(0, BLOCK_Q)[:, None]
-    j = tl.arange(0, 4)[None, :]
-    cols = q * 4 + j
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, 4 * BLOCK_Q)
     mask = cols < n_cols
-
-    h = tl.load(hidden_ptr + row * hidden_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DROPOUT:
-        keep = _keep_mask(tl.load(seed_ptr), offset, row, n_words, q, j, threshold)
-        h = tl.where(keep, h * scale, 0.0)
-    x_io = (h + r).to(x_ptr.dtype.element_ty)
-    x = x_io.to(tl.float32)
-
-    mean = tl.sum(x) / n_cols
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = tl.rsqrt(tl.sum(xc * xc) / n_cols + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w + b
-    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
-    if save != 0:
-        tl.store(x_ptr + row * n_cols + cols, x_io, mask=mask)
-        tl.store(mean_ptr + row, mean)
-        tl.store(rstd_ptr + row, rstd)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+
+    row_start = pid * rows_per_program
+    for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
+        h = tl.load(hidden_ptr + row * hidden_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(residual_ptr + row * residual_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed, offset, row, n_words, threshold, BLOCK_Q)
+            h = tl.where(keep, h * scale, 0.0)
+        x_io = (h + r).to(x_ptr.dtype.element_ty)
+        x = x_io.to(tl.float32)
+
+        mean = tl.sum(x) / n_cols
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc) / n_cols + eps)
+        y = xc * rstd * w + b
+        tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+        if save != 0:
+            tl.store(x_ptr + row * n_cols + cols, x_io, mask=mask)
+            tl.store(mean_ptr + row, mean)
+            tl.store(rstd_ptr + row, rstd)
 
 
-@triton.jit(do_not_specialize=["offset"])
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program", "offset"])
 def _residual_dropout_layer_norm_bwd(
     grad_hidden_ptr,  # [R, N] contiguous, hidden's dtype
     grad_residual_ptr,  # [R, N] contiguous, residual's dtype
@@ -167,9 +205,9 @@ def _residual_dropout_layer_norm_bwd(
     mean_ptr,  # [R] fp32
     rstd_ptr,  # [R] fp32
     weight_ptr,  # [N]
-    n_rows,
     n_cols,
     n_words,
+    n_rows,
     rows_per_program,
     seed_ptr,  # [1] int64: the forward's key
     offset,
@@ -179,17 +217,16 @@ def _residual_dropout_layer_norm_bwd(
     HAS_DROPOUT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    q = tl.arange(0, BLOCK_Q)[:, None]
-    j = tl.arange(0, 4)[None, :]
-    cols = q * 4 + j
+    cols = tl.arange(0, 4 * BLOCK_Q)
     mask = cols < n_cols
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_Q, 4], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_Q, 4], dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    dw_acc = tl.zeros([4 * BLOCK_Q], dtype=tl.float32)
+    db_acc = tl.zeros([4 * BLOCK_Q], dtype=tl.float32)
 
     row_start = pid * rows_per_program
-    for i in range(0, tl.minimum(rows_per_program, n_rows - row_start)):
-        row = row_start + i
+    for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
         dy = tl.load(grad_out_ptr + row * grad_out_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + row)
@@ -205,7 +242,7 @@ def _residual_dropout_layer_norm_bwd(
             grad_residual_ptr + row * n_cols + cols, dx.to(grad_residual_ptr.dtype.element_ty), mask=mask
         )
         if HAS_DROPOUT:
-            keep = _keep_mask(tl.load(seed_ptr), offset, row, n_words, q, j, threshold)
+            keep = _keep_mask(seed, offset, row, n_words, threshold, BLOCK_Q)
             dx = tl.where(keep, dx * scale, 0.0)
         tl.store(grad_hidden_ptr + row * n_cols + cols, dx.to(grad_hidden_ptr.dtype.element_ty), mask=mask)
 
@@ -213,8 +250,37 @@ def _residual_dropout_layer_norm_bwd(
     tl.store(db_partial_ptr + pid * n_cols + cols, db_acc, mask=mask)
 
 
+@triton.jit(do_not_specialize=["n_partials"])
+def _residual_dropout_layer_norm_bwd_reduce(
+    grad_weight_ptr,  # [N], weight's dtype
+    grad_bias_ptr,  # [N], bias's dtype
+    dw_partial_ptr,  # [P, N] fp32 contiguous, written by _residual_dropout_layer_norm_bwd
+    db_partial_ptr,  # [P, N] fp32 contiguous
+    n_cols,
+    n_partials,  # P; 0 writes zeros
+    BLOCK_P: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_mask = cols < n_cols
+    parts = tl.arange(0, BLOCK_P)
+    dw_acc = tl.zeros([BLOCK_P, BLOCK_COLS], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_P, BLOCK_COLS], dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_P):
+        rows = (start + parts).to(tl.int64)
+        mask = (rows[:, None] < n_partials) & col_mask[None, :]
+        offsets = rows[:, None] * n_cols + cols[None, :]
+        dw_acc += tl.load(dw_partial_ptr + offsets, mask=mask, other=0.0)
+        db_acc += tl.load(db_partial_ptr + offsets, mask=mask, other=0.0)
+    dw = tl.sum(dw_acc, axis=0)
+    db = tl.sum(db_acc, axis=0)
+    tl.store(grad_weight_ptr + cols, dw.to(grad_weight_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(grad_bias_ptr + cols, db.to(grad_bias_ptr.dtype.element_ty), mask=col_mask)
+
+
 def _block_q(n_cols: int) -> int:
-    return next(q for q in BLOCK_QS if 4 * q >= n_cols)
+    return max(triton.next_power_of_2(n_cols), MIN_BLOCK_N) // 4
 
 
 def _num_warps(block_q: int) -> int:
@@ -233,11 +299,14 @@ def _dropout_constants(dropout_p: float) -> tuple[int, float]:
     return probability_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
-def _bwd_programs(n_rows: int, device: torch.device) -> int:
+def _row_split(n_rows: int, device: torch.device, programs_per_sm: int) -> tuple[int, int]:
+    """(programs, rows_per_program): contiguous row ranges, none empty; (0, 1) for no rows."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, sms * _BWD_PROGRAMS_PER_SM))
-    return max(1, min(n_rows, _INTERPRETER_BWD_PROGRAMS))
+        cap = torch.cuda.get_device_properties(device).multi_processor_count * programs_per_sm
+    else:
+        cap = _INTERPRETER_PROGRAMS
+    rows_per_program = max(1, triton.cdiv(n_rows, cap))
+    return triton.cdiv(n_rows, rows_per_program), rows_per_program
 
 
 def dropout_keep_mask(
@@ -285,8 +354,9 @@ def residual_dropout_layer_norm_forward(
     rstd = torch.empty_like(mean)
     threshold, scale = _dropout_constants(dropout_p)
     block_q = _block_q(n_cols)
-    if n_rows > 0:
-        _residual_dropout_layer_norm_fwd[(n_rows,)](
+    programs, rows_per_program = _row_split(n_rows, device, _FWD_PROGRAMS_PER_SM)
+    if programs > 0:
+        _residual_dropout_layer_norm_fwd[(programs,)](
             out,
             x,
             mean,
@@ -299,6 +369,8 @@ def residual_dropout_layer_norm_forward(
             bias,
             n_cols,
             triton.cdiv(n_cols, 4),
+            n_rows,
+            rows_per_program,
             float(eps),
             seed,
             offset,
@@ -326,20 +398,22 @@ def residual_dropout_layer_norm_backward(
     seed: Tensor,
     offset: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the backward kernel: (grad_hidden, grad_residual, grad_weight, grad_bias)."""
+    """Launch the backward kernel and the dW/db reduction: (grad_hidden, grad_residual, grad_weight,
+    grad_bias), the last two in the dtypes of ``weight`` and ``bias``."""
     n_rows, n_cols = x.shape
     device = x.device
     dy = _as_rows(grad_out)
     grad_hidden = torch.empty(grad_out.shape, dtype=hidden_dtype, device=device)
     grad_residual = torch.empty(grad_out.shape, dtype=residual_dtype, device=device)
-    programs = _bwd_programs(n_rows, device)
-    # Every program writes its partial row, so only an empty launch needs zeros.
-    alloc = torch.empty if n_rows > 0 else torch.zeros
-    dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=device)
-    db_partial = alloc((programs, n_cols), dtype=torch.float32, device=device)
+    grad_weight = torch.empty_like(weight)
+    grad_bias = torch.empty_like(bias)
+    programs, rows_per_program = _row_split(n_rows, device, _BWD_PROGRAMS_PER_SM)
+    # One fp32 partial row per program, each written whole by its program (none without rows).
+    dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=device)
+    db_partial = torch.empty_like(dw_partial)
     threshold, scale = _dropout_constants(dropout_p)
     block_q = _block_q(n_cols)
-    if n_rows > 0:
+    if programs > 0:
         _residual_dropout_layer_norm_bwd[(programs,)](
             grad_hidden,
             grad_residual,
@@ -351,10 +425,10 @@ def residual_dropout_layer_norm_backward(
             mean,
             rstd,
             weight,
-            n_rows,
             n_cols,
             triton.cdiv(n_cols, 4),
-            triton.cdiv(n_rows, programs),
+            n_rows,
+            rows_per_program,
             seed,
             offset,
             threshold,
@@ -363,8 +437,17 @@ def residual_dropout_layer_norm_backward(
             HAS_DROPOUT=dropout_p > 0.0,
             num_warps=_num_warps(block_q),
         )
-    grad_weight = dw_partial.sum(0).to(weight.dtype)
-    grad_bias = db_partial.sum(0).to(bias.dtype)
+    _residual_dropout_layer_norm_bwd_reduce[(triton.cdiv(n_cols, REDUCE_COLS),)](
+        grad_weight,
+        grad_bias,
+        dw_partial,
+        db_partial,
+        n_cols,
+        programs,
+        BLOCK_P=REDUCE_ROWS,
+        BLOCK_COLS=REDUCE_COLS,
+        num_warps=_REDUCE_WARPS,
+    )
     return grad_hidden, grad_residual, grad_weight, grad_bias
 
 
@@ -468,8 +551,8 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 
 def sm90_variants() -> list[KernelVariant]:
     """Every specialisation the launchers can pick: dtype x weight dtype x BLOCK_Q x dropout, fwd and
-    bwd, each with the arguments of LXMERT pre-training (contiguous rows; the widest row a tile
-    serves where LXMERT's 768 picks another tile)."""
+    bwd, each with the arguments of LXMERT pre-training (contiguous rows; the widest row a block
+    serves where LXMERT's 768 picks another block), then the dW/db reduction per weight dtype."""
     # (hidden, residual, weight) dtypes: uniform, fp32 weights, and autocast's fp32 residual stream.
     combos = [(d, d, w) for d in KERNEL_DTYPES for w in dict.fromkeys((d, torch.float32))]
     combos += [(d, torch.float32, torch.float32) for d in (torch.float16, torch.bfloat16)]
@@ -483,24 +566,37 @@ def sm90_variants() -> list[KernelVariant]:
             ):
                 variants.append(
                     KernelVariant(
-                        name=f"residual_ln_{direction}_{name}_q{block_q}_drop{int(has_dropout)}",
+                        name=f"residual_ln_{direction}_{name}_n{4 * block_q}_drop{int(has_dropout)}",
                         fn=fn,
                         args=args(dtype, res_dtype, w_dtype, block_q, has_dropout),
                         options={"num_warps": _num_warps(block_q)},
                     )
                 )
+    for w_dtype in KERNEL_DTYPES:
+        variants.append(
+            KernelVariant(
+                name=f"residual_ln_bwd_reduce_w{_TRITON_DTYPES[w_dtype]}",
+                fn=_residual_dropout_layer_norm_bwd_reduce,
+                args=_reduce_args(w_dtype),
+                options={"num_warps": _REDUCE_WARPS},
+            )
+        )
     return variants
 
 
-def _row_args(block_q: int, has_dropout: bool) -> dict:
-    """Row width and dropout scalars as the launchers pass them; a fresh seed each call."""
-    from lxmert_fast.kernels.sm90 import DROPOUT_P, HIDDEN
+def _row_args(block_q: int, has_dropout: bool, programs_per_sm: int) -> dict:
+    """Row width, row split and dropout scalars as the launchers pass them at the vision stream's
+    B * 36 rows; a fresh seed each call."""
+    from lxmert_fast.kernels.sm90 import BATCH, BOXES, DROPOUT_P, H100_SMS, HIDDEN
 
     n_cols = HIDDEN if _block_q(HIDDEN) == block_q else 4 * block_q
+    n_rows = BATCH * BOXES
     threshold, scale = _dropout_constants(DROPOUT_P if has_dropout else 0.0)
     return {
         "n_cols": n_cols,
         "n_words": triton.cdiv(n_cols, 4),
+        "n_rows": n_rows,
+        "rows_per_program": triton.cdiv(n_rows, H100_SMS * programs_per_sm),
         "seed_ptr": torch.int64,
         "offset": 0,
         "threshold": threshold,
@@ -513,7 +609,7 @@ def _row_args(block_q: int, has_dropout: bool) -> dict:
 def _fwd_args(
     dtype: torch.dtype, res_dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropout: bool
 ) -> dict:
-    rows = _row_args(block_q, has_dropout)
+    rows = _row_args(block_q, has_dropout, _FWD_PROGRAMS_PER_SM)
     x_dtype = torch.promote_types(dtype, res_dtype)
     return {
         **rows,
@@ -535,11 +631,7 @@ def _fwd_args(
 def _bwd_args(
     dtype: torch.dtype, res_dtype: torch.dtype, w_dtype: torch.dtype, block_q: int, has_dropout: bool
 ) -> dict:
-    """At the vision stream's B * 36 rows over ``_BWD_PROGRAMS_PER_SM`` programs per SM."""
-    from lxmert_fast.kernels.sm90 import BATCH, BOXES, H100_SMS
-
-    rows = _row_args(block_q, has_dropout)
-    n_rows = BATCH * BOXES
+    rows = _row_args(block_q, has_dropout, _BWD_PROGRAMS_PER_SM)
     return {
         **rows,
         "grad_hidden_ptr": dtype,
@@ -552,8 +644,22 @@ def _bwd_args(
         "mean_ptr": torch.float32,
         "rstd_ptr": torch.float32,
         "weight_ptr": w_dtype,
-        "n_rows": n_rows,
-        "rows_per_program": triton.cdiv(n_rows, min(n_rows, H100_SMS * _BWD_PROGRAMS_PER_SM)),
+    }
+
+
+def _reduce_args(w_dtype: torch.dtype) -> dict:
+    """LXMERT's 768 columns over the backward's one partial row per program."""
+    from lxmert_fast.kernels.sm90 import H100_SMS, HIDDEN
+
+    return {
+        "grad_weight_ptr": w_dtype,
+        "grad_bias_ptr": w_dtype,
+        "dw_partial_ptr": torch.float32,
+        "db_partial_ptr": torch.float32,
+        "n_cols": HIDDEN,
+        "n_partials": H100_SMS * _BWD_PROGRAMS_PER_SM,
+        "BLOCK_P": REDUCE_ROWS,
+        "BLOCK_COLS": REDUCE_COLS,
     }
 
 

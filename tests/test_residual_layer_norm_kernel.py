@@ -10,6 +10,7 @@ kernels draw is rebuilt with ``dropout_keep_mask`` and handed to the reference.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -351,3 +352,50 @@ def test_fullgraph_compile_draws_seeds_on_the_device(kernel_device):
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(again, results[1][0])
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 7, 10])
+def test_rows_per_program_edges(rows, monkeypatch, kernel_device):
+    # Three programs at most: 7 and 10 rows leave the last program a short range, 1 row a single
+    # program, 0 rows no forward program and an empty dW/db reduction.
+    if kernel_device.type == "cuda":
+        monkeypatch.setattr(
+            torch.cuda, "get_device_properties", lambda _d: SimpleNamespace(multi_processor_count=1)
+        )
+        monkeypatch.setattr(rln, "_FWD_PROGRAMS_PER_SM", 3)
+        monkeypatch.setattr(rln, "_BWD_PROGRAMS_PER_SM", 3)
+    else:
+        monkeypatch.setattr(rln, "_INTERPRETER_PROGRAMS", 3)
+    programs, per_program = rln._row_split(rows, kernel_device, 3)
+    assert (programs <= 3 and (programs - 1) * per_program < rows <= programs * per_program) or rows == 0
+    inputs = make_inputs((rows, 100), kernel_device)
+    p, seed = 0.2, 21
+    results = run_fast(inputs, torch.float32, p=p, seed=seed, offset=5)
+    keep = rln.dropout_keep_mask(seed, 5, (rows, 100), p, kernel_device)
+    assert_matches(results, inputs, torch.float32, p=p, keep_mask=keep)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "weight_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+    ids=str,
+)
+def test_weight_grads_come_from_the_kernels_in_the_weights_dtype(
+    dtype, weight_dtype, monkeypatch, kernel_device
+):
+    # The backward's dW/db come out of the reduction kernel in their final dtype: no torch
+    # reduction runs after the kernels (casts cannot be forbidden: the interpreter copies with .to).
+    inputs = make_inputs((36, 100), kernel_device)
+    leaves = _leaves(inputs, dtype, weight_dtype)
+    out = rln.residual_dropout_layer_norm(*leaves, EPS, 0.1, seed=8)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("torch reduction in the backward")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "sum", forbidden)
+        patch.setattr(torch, "sum", forbidden)
+        grads = torch.autograd.grad(out, leaves, inputs["grad_out"].to(dtype))
+    assert grads[2].dtype == grads[3].dtype == weight_dtype
+    keep = rln.dropout_keep_mask(8, 0, (36, 100), 0.1, kernel_device)
+    assert_matches((out, *grads), inputs, dtype, weight_dtype=weight_dtype, p=0.1, keep_mask=keep)

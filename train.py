@@ -253,6 +253,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "log.jsonl, export/ and tensorboard/ (without --resume or --overwrite such an OUTPUT is refused)",
     )
     r.add_argument("--no_export", action="store_true")
+    r.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write the logged values to OUTPUT/tensorboard (default: on when the tensorboard package "
+        "is installed, said in the start-up line); --tensorboard without it installed is an error",
+    )
     r.add_argument("--no_progress", action="store_true")
     r.add_argument(
         "--cpu_threads",
@@ -266,6 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     r.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     r.add_argument("--kill_after_step", type=int, default=None, help=argparse.SUPPRESS)
+    # Tests: seconds each evaluation sleeps, to check that samples/s leaves evaluations out.
+    r.add_argument("--eval_delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
     import deepspeed
 
@@ -292,6 +301,25 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("argument --valid: given without --train (the synthetic set brings its own)")
 
 
+def tensorboard_choice(flag: bool | None, installed: bool) -> tuple[bool, str]:
+    """(write TensorBoard events?, the start-up line's words for it) from --tensorboard / --no-tensorboard
+    (None: the default, on when installed). --tensorboard without the package stops the run."""
+    if flag is None:
+        flag = installed
+    elif flag and not installed:
+        raise SystemExit(
+            "--tensorboard: the tensorboard package is not installed (pip install tensorboard), "
+            "or pass --no-tensorboard"
+        )
+    return flag, ("TensorBoard in OUTPUT/tensorboard" if flag else "no TensorBoard")
+
+
+def tensorboard_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def single_process_env() -> None:
     """Let ``python train.py`` run without the launcher (DeepSpeed otherwise looks for MPI)."""
     if "RANK" in os.environ:
@@ -304,13 +332,19 @@ def single_process_env() -> None:
     )
 
 
-def ds_config(args: argparse.Namespace, cuda: bool) -> dict:
+def ds_config(args: argparse.Namespace, cuda: bool, world: int = 1) -> dict:
+    """The DeepSpeed config: ds.json (or --deepspeed_config) with the flags applied.
+
+    ``train_batch_size`` (DeepSpeed: micro batch x accumulation x world size) is honoured: without an
+    accumulation in the file or --grad_accum it sets the accumulation (it must divide by micro batch x
+    world size); with one it must agree. Either way the run's batch is what the file says, or an error."""
     path = args.deepspeed_config or os.path.join(REPO, "ds.json")
     with open(path) as f:
         config = json.load(f)
     config.setdefault("train_micro_batch_size_per_gpu", 32)
+    accum_given = args.grad_accum is not None or "gradient_accumulation_steps" in config
     config.setdefault("gradient_accumulation_steps", 1)
-    config.pop("train_batch_size", None)  # derived from micro batch x accumulation x world size
+    total = config.pop("train_batch_size", None)
     if args.micro_batch is not None:
         config["train_micro_batch_size_per_gpu"] = args.micro_batch
     if args.grad_accum is not None:
@@ -318,6 +352,24 @@ def ds_config(args: argparse.Namespace, cuda: bool) -> dict:
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
             raise SystemExit(f"{path}: {key}: expected a positive integer, got {config[key]!r}")
+    if total is not None:
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise SystemExit(f"{path}: train_batch_size: expected a positive integer, got {total!r}")
+        micro = config["train_micro_batch_size_per_gpu"]
+        if not accum_given:
+            if total % (micro * world):
+                raise SystemExit(
+                    f"{path}: train_batch_size {total} is not a multiple of micro batch {micro} x world size "
+                    f"{world}; change it, or give gradient_accumulation_steps (or --grad_accum) instead"
+                )
+            config["gradient_accumulation_steps"] = total // (micro * world)
+        accum = config["gradient_accumulation_steps"]
+        if micro * accum * world != total:
+            raise SystemExit(
+                f"{path}: train_batch_size {total} disagrees with micro batch {micro} x gradient accumulation "
+                f"{accum} x world size {world} = {micro * accum * world} (--micro_batch / --grad_accum override "
+                "the file); make them agree, or remove train_batch_size"
+            )
     if args.zero_stage is not None:
         config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     precision = args.precision
@@ -491,6 +543,14 @@ def resume_changes(recorded: dict | None, current: dict, checkpoint: str) -> tup
     return error, notes
 
 
+def answer_entries(path: str, kept: list[str]) -> list[dict]:
+    """The entries of the answer table at ``path`` whose answers are ``kept``, in ``kept``'s order
+    (the answer head's label order): the table the exported model's QA head was sized for."""
+    with open(path, encoding="utf-8") as f:
+        by_answer = {e["ans"]: e for e in json.load(f)}
+    return [by_answer[a] for a in kept]
+
+
 def jsonable(counts: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: round(float(v[0] / v[1]), 5) for k, v in counts.items() if float(v[1]) > 0}
 
@@ -510,6 +570,7 @@ def metrics_flops(model_config, inputs: dict, task_weights: dict[str, float]) ->
 
 def main() -> None:
     args = parse_args()
+    use_tb, tb_note = tensorboard_choice(args.tensorboard, tensorboard_installed())
     single_process_env()
     import deepspeed
     import torch.distributed as dist
@@ -548,7 +609,7 @@ def main() -> None:
     run = rundir.open_run(args.output_dir, resume=args.resume, overwrite=args.overwrite)
     preset = args.preset or ("paper" if cuda else "small")
     lr = args.lr if args.lr is not None else (1e-4 if preset == "paper" else 1e-3)
-    config = ds_config(args, cuda)
+    config = ds_config(args, cuda, world)
     micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
 
     train_json, valid_json, store_dir, vocab, answers_path, object_words = prepare_data(args, rank)
@@ -690,19 +751,17 @@ def main() -> None:
     log = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None  # noqa: SIM115
     tb = None
     if rank == 0:
-        try:
+        if use_tb:
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(os.path.join(args.output_dir, "tensorboard"))
-        except ImportError:
-            pass
         print(
             f"preset {preset}: {n_params:,} parameters; {len(train_ex)} train / {len(valid_ex)} held-out sentences; "
             f"world {world} x micro {micro} x accum {accum}; {total_steps} steps "
             f"({per_epoch} per epoch); ZeRO {config.get('zero_optimization', {}).get('stage', 0)}; "
             f"{'bf16' if config['bf16']['enabled'] else 'fp16' if config['fp16']['enabled'] else 'fp32'}; "
             f"{'resuming at step ' + str(step) if step else 'from scratch'}; "
-            f"{'captured' if capture else 'eager'} step",
+            f"{'captured' if capture else 'eager'} step; {tb_note}",
             flush=True,
         )
     peak = bf16_peak_flops(engine.device)
@@ -748,6 +807,8 @@ def main() -> None:
         if not eval_sets:
             return {}
         engine.eval()
+        if args.eval_delay:
+            time.sleep(args.eval_delay)
         eval_sampler = EpochBatchSampler(len(valid_ex), micro, rank, world, shuffle=False)
         result = {}
         with torch.no_grad():
@@ -913,7 +974,9 @@ def main() -> None:
                 with atomic.publishing_dir(export) as tmp:
                     fresh.save_pretrained(tmp)
                     shutil.copy(vocab, os.path.join(tmp, "vocab.txt"))
-                    shutil.copy(answers_path, os.path.join(tmp, "all_ans.json"))
+                    # The table the QA head was sized for (--answer_dsets applied), not the file as given.
+                    with open(os.path.join(tmp, "all_ans.json"), "w", encoding="utf-8") as f:
+                        json.dump(answer_entries(answers_path, answers.answers), f, indent=0)
         dist.barrier()
     if rank == 0:
         print(

@@ -208,6 +208,75 @@ def test_explicit_flags_are_used_not_defaults(train_module):
         train_module.total_steps_of(train_module.parse_args(["--epochs", "0.1"]), 6, cuda=False)
 
 
+def test_train_batch_size_in_ds_json_is_honoured_or_refused(train_module, tmp_path):
+    # Issue #17: train_batch_size in ds.json was silently dropped.
+    def config(ds: dict, *argv: str, world: int = 1) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(ds))
+        args = train_module.parse_args(["--deepspeed_config", str(path), *argv])
+        return train_module.ds_config(args, cuda=False, world=world)
+
+    def batch(c: dict) -> tuple[int, int]:
+        return c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]
+
+    assert batch(config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8})) == (8, 8)
+    assert batch(config({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8}, world=2)) == (8, 4)
+    assert batch(config({"train_batch_size": 64}, "--micro_batch", "16")) == (16, 4)
+    assert batch(
+        config({"train_batch_size": 64, "gradient_accumulation_steps": 2}, "--micro_batch", "32")
+    ) == (
+        32,
+        2,
+    )
+    assert "train_batch_size" not in config({"train_batch_size": 32})  # 32 x 1 x 1: DeepSpeed derives it
+    with pytest.raises(SystemExit, match=r"train_batch_size 64 disagrees with micro batch 8 x gradient "
+                       r"accumulation 2 x world size 1 = 16"):  # fmt: skip
+        config(
+            {"train_batch_size": 64, "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2}
+        )
+    with pytest.raises(SystemExit, match=r"train_batch_size 64 disagrees .* = 24"):
+        config({"train_batch_size": 64}, "--micro_batch", "8", "--grad_accum", "3")
+    with pytest.raises(
+        SystemExit, match=r"train_batch_size 60 is not a multiple of micro batch 8 x world size 1"
+    ):
+        config({"train_batch_size": 60, "train_micro_batch_size_per_gpu": 8})
+    with pytest.raises(SystemExit, match=r"train_batch_size: expected a positive integer, got 0"):
+        config({"train_batch_size": 0})
+
+
+def test_tensorboard_flag(train_module):
+    # Issue #17: TensorBoard was used silently when installed; now a flag, announced at start-up.
+    assert train_module.parse_args([]).tensorboard is None
+    assert train_module.parse_args(["--tensorboard"]).tensorboard is True
+    assert train_module.parse_args(["--no-tensorboard"]).tensorboard is False
+    choice = train_module.tensorboard_choice
+    assert choice(None, installed=True) == (True, "TensorBoard in OUTPUT/tensorboard")
+    assert choice(None, installed=False) == (False, "no TensorBoard")
+    assert choice(False, installed=True) == (False, "no TensorBoard")
+    assert choice(True, installed=True)[0] is True
+    with pytest.raises(SystemExit, match="--tensorboard: the tensorboard package is not installed"):
+        choice(True, installed=False)
+
+
+def test_export_answer_table_is_filtered_and_samples_per_s_leaves_out_evaluation(data_dir, tmp_path):
+    # Issue #17: the export copied the unfiltered answer table (13 answers for 12 labels with
+    # --answer_dsets vqa), and samples/s after an evaluation counted the evaluation's time.
+    result = run_train(data_dir, tmp_path, "--answer_dsets", "vqa", "--max_steps", "4", "--eval_every", "2",
+                       "--log_every", "1", "--save_every", "0", "--eval_delay", "3", "--no-tensorboard")  # fmt: skip
+    assert "; no TensorBoard" in result.stdout and not (tmp_path / "tensorboard").exists()
+    table = json.loads((tmp_path / "export" / "all_ans.json").read_text())
+    full = json.loads((data_dir / "all_ans.json").read_text())
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert len(table) == config["num_qa_labels"] == len(full) - 1
+    assert table == [e for e in full if "vqa" in e["dsets"]]
+    train, valid = read_log(tmp_path)
+    assert [r["step"] for r in valid] == [2, 4]
+    # Step 3's window holds the 3-second evaluation after step 2: with it, 4 samples / >3 s.
+    rates = {r["step"]: r["samples_per_s"] for r in train}
+    assert rates[3] > 4 / 3 * 2, rates
+    assert rates[3] > min(rates[1], rates[2], rates[4]) / 10, rates
+
+
 def test_resume_flag_changes_are_refused_or_announced(train_module):
     recorded = {"micro_batch": 4, "zero_stage": 1, "lr": 1e-3, "total_steps": 4, "seed": 0}
     error, notes = train_module.resume_changes(

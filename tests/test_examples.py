@@ -8,16 +8,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_run_batch_example(tmp_path):
+def run_example(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``examples/run_batch.py ARGS`` as a user runs it (no Triton interpreter); must exit 0."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "run_batch.py"), "--batch", "2"],
+        [sys.executable, str(ROOT / "examples" / "run_batch.py"), *args],
         capture_output=True,
         text=True,
-        cwd=tmp_path,
+        cwd=cwd,
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_run_batch_example(tmp_path):
+    proc = run_example(tmp_path, "--batch", "2")
     assert "matching scores (2, 2)" in proc.stdout
 
 
@@ -40,15 +46,7 @@ def test_run_batch_example_on_a_small_export(tmp_path):
         lxmert_fast.LxmertForPreTraining(config).save_pretrained(export)
         if vocab:
             (export / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "run_batch.py"), str(export), "--batch", "3"],
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = run_example(tmp_path, str(export), "--batch", "3")
         assert "MLM logits (3, 12, 50)" in proc.stdout, proc.stdout
         assert "matching scores (3, 2)" in proc.stdout and "QA scores (3, 7)" in proc.stdout
 

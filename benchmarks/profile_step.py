@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_pretrain_step import CONFIGS, build_step
 
+from lxmert_fast.atomic import atomic_write_text
+
 TOP = 25
 
 
@@ -103,8 +105,7 @@ def main() -> None:
     for mode in ("eager", "captured"):
         results[mode] = profile_mode(mode, config, size, device, cuda)
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "profile.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write_text(os.path.join(args.out_dir, "profile.json"), json.dumps(results, indent=1))
     lines = [f"profile: {results['device']}, {size}, B={config['batch']}"]
     for mode in ("eager", "captured"):
         r = results[mode]
@@ -113,8 +114,9 @@ def main() -> None:
         )
         lines.extend(f"    {t['us']:>10.1f} us  {t['name']}" for t in r["top"][:10])
     text = "\n".join(lines)
-    with open(os.path.join(args.out_dir, "profile.txt"), "w") as f:
-        f.write(text + "\n\nfull top-25 lists in profile.json\n")
+    atomic_write_text(
+        os.path.join(args.out_dir, "profile.txt"), text + "\n\nfull top-25 lists in profile.json\n"
+    )
     print(text)
 
 

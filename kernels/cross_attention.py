@@ -711,9 +711,23 @@ def _constexprs(plan: _Plan, tiles: _Tiles) -> dict:
     }
 
 
-def _forward(
-    qkv: Tensor, lang_bias: Tensor | None, visual_bias: Tensor | None, seed: Tensor | None, plan: _Plan
+@torch.library.custom_op("lxmert_fast::cross_attention_fwd", mutates_args=())
+def cross_attention_fwd(
+    qkv: Tensor,
+    lang_bias: Tensor | None,
+    visual_bias: Tensor | None,
+    seed: Tensor | None,
+    lang_len: int,
+    num_heads: int,
+    dropout_p: float,
+    offset: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """(context [B, L+V, hidden], row_max, row_inv_sum [B, heads, L+V] fp32) of the fused kernel.
+
+    Biases in the qkv dtype (``cross_attention`` casts them); ``seed`` the int64 [1] tensor the
+    kernels load, required when ``dropout_p > 0`` and unused otherwise.
+    """
+    plan = _plan(qkv, lang_len, num_heads, dropout_p, offset)
     batch, total, _ = qkv.shape
     hidden = plan.num_heads * plan.head_dim
     out = torch.empty((batch, total, hidden), dtype=qkv.dtype, device=qkv.device)
@@ -741,7 +755,15 @@ def _forward(
     return out, row_max, row_inv_sum
 
 
-def _backward(
+@cross_attention_fwd.register_fake
+def _cross_attention_fwd_fake(qkv, lang_bias, visual_bias, seed, lang_len, num_heads, dropout_p, offset):
+    batch, total, width = qkv.shape
+    row_max = qkv.new_empty((batch, num_heads, total), dtype=torch.float32)
+    return qkv.new_empty((batch, total, width // 3)), row_max, torch.empty_like(row_max)
+
+
+@torch.library.custom_op("lxmert_fast::cross_attention_bwd", mutates_args=())
+def cross_attention_bwd(
     qkv: Tensor,
     lang_bias: Tensor | None,
     visual_bias: Tensor | None,
@@ -750,8 +772,14 @@ def _backward(
     dout: Tensor,
     row_max: Tensor,
     row_inv_sum: Tensor,
-    plan: _Plan,
+    lang_len: int,
+    num_heads: int,
+    dropout_p: float,
+    offset: int,
 ) -> Tensor:
+    """d(qkv) [B, L+V, 3*hidden] (contiguous) from the forward's inputs, outputs and dO; the
+    dropout masks are regenerated from (seed, offset)."""
+    plan = _plan(qkv, lang_len, num_heads, dropout_p, offset)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     batch = qkv.shape[0]
@@ -784,54 +812,6 @@ def _backward(
         **_constexprs(plan, plan.bwd),
     )
     return dqkv
-
-
-@torch.library.custom_op("lxmert_fast::cross_attention_fwd", mutates_args=())
-def cross_attention_fwd(
-    qkv: Tensor,
-    lang_bias: Tensor | None,
-    visual_bias: Tensor | None,
-    seed: Tensor | None,
-    lang_len: int,
-    num_heads: int,
-    dropout_p: float,
-    offset: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(context [B, L+V, hidden], row_max, row_inv_sum [B, heads, L+V] fp32) of the fused kernel.
-
-    Biases in the qkv dtype (``cross_attention`` casts them); ``seed`` the int64 [1] tensor the
-    kernels load, required when ``dropout_p > 0`` and unused otherwise.
-    """
-    plan = _plan(qkv, lang_len, num_heads, dropout_p, offset)
-    return _forward(qkv, lang_bias, visual_bias, seed, plan)
-
-
-@cross_attention_fwd.register_fake
-def _cross_attention_fwd_fake(qkv, lang_bias, visual_bias, seed, lang_len, num_heads, dropout_p, offset):
-    batch, total, width = qkv.shape
-    row_max = qkv.new_empty((batch, num_heads, total), dtype=torch.float32)
-    return qkv.new_empty((batch, total, width // 3)), row_max, torch.empty_like(row_max)
-
-
-@torch.library.custom_op("lxmert_fast::cross_attention_bwd", mutates_args=())
-def cross_attention_bwd(
-    qkv: Tensor,
-    lang_bias: Tensor | None,
-    visual_bias: Tensor | None,
-    seed: Tensor | None,
-    out: Tensor,
-    dout: Tensor,
-    row_max: Tensor,
-    row_inv_sum: Tensor,
-    lang_len: int,
-    num_heads: int,
-    dropout_p: float,
-    offset: int,
-) -> Tensor:
-    """d(qkv) [B, L+V, 3*hidden] (contiguous) from the forward's inputs, outputs and dO; the
-    dropout masks are regenerated from (seed, offset)."""
-    plan = _plan(qkv, lang_len, num_heads, dropout_p, offset)
-    return _backward(qkv, lang_bias, visual_bias, seed, out, dout, row_max, row_inv_sum, plan)
 
 
 @cross_attention_bwd.register_fake

@@ -551,10 +551,6 @@ def answer_entries(path: str, kept: list[str]) -> list[dict]:
     return [by_answer[a] for a in kept]
 
 
-def jsonable(counts: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: round(float(v[0] / v[1]), 5) for k, v in counts.items() if float(v[1]) > 0}
-
-
 def metrics_flops(model_config, inputs: dict, task_weights: dict[str, float]) -> int:
     """FLOPs of one training micro-step (forward, weighted losses, backward) at ``inputs``' shapes."""
     import lxmert_fast
@@ -588,7 +584,7 @@ def main() -> None:
         build_examples,
         load_pretrain_json,
     )
-    from lxmert_fast.metrics import RunningMetrics, bf16_peak_flops
+    from lxmert_fast.metrics import RunningMetrics, accuracies, bf16_peak_flops
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.shm_comm:
@@ -833,12 +829,8 @@ def main() -> None:
                 if keys:
                     stacked = torch.stack([sums[k] for k in keys])
                     dist.all_reduce(stacked)
-                    result.update(
-                        {
-                            f"{prefix}{k}_acc": v
-                            for k, v in jsonable(dict(zip(keys, stacked, strict=True))).items()
-                        }
-                    )
+                    totals = dict(zip(keys, stacked, strict=True))
+                    result.update({f"{prefix}{k}_acc": v for k, v in accuracies(totals).items()})
                 result.update({f"{k}_loss": round(v / max(n, 1), 5) for k, v in losses.items()})
         engine.train()
         return result

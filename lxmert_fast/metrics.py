@@ -77,16 +77,19 @@ class RunningMetrics:
         if keys:
             values = torch.stack([self._losses[k] for k in keys]).cpu() / max(self._weight, 1e-12)
             record.update((k, round(float(v), 6)) for k, v in zip(keys, values, strict=True))
-        count_keys = sorted(self._counts)
-        if count_keys:
-            counts = torch.stack([self._counts[k] for k in count_keys]).cpu()
-            record.update(
-                (f"{k}_acc", round(float(c[0] / c[1]), 5))
-                for k, c in zip(count_keys, counts, strict=True)
-                if c[1] > 0
-            )
+        record.update((f"{k}_acc", v) for k, v in accuracies(self._counts).items())
         self._losses, self._counts, self._weight, self._first_nonfinite = {}, {}, 0.0, {}
         return record
+
+
+def accuracies(counts: Mapping[str, Tensor]) -> dict[str, float]:
+    """``{task: correct / total}`` of ``(correct, total)`` count pairs in one host copy; tasks with
+    no example left out."""
+    keys = sorted(counts)
+    if not keys:
+        return {}
+    stacked = torch.stack([counts[k] for k in keys]).cpu()
+    return {k: round(float(c[0] / c[1]), 5) for k, c in zip(keys, stacked, strict=True) if c[1] > 0}
 
 
 def _to_meta(value: Any) -> Any:

@@ -6,7 +6,7 @@ dtype, device), so a wrong call stops at the boundary instead of failing deep in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -71,25 +71,32 @@ def check_probability(name: str, p: float) -> float:
     return float(p)
 
 
+def check_all(name: str, ok: torch.Tensor, expected: str, failure: Callable[[], str]) -> None:
+    """Check that every element of the bool tensor ``ok`` is true.
+
+    A CPU tensor in eager mode is checked on the host: ``ValueError("{name}: {expected}{failure()}")``,
+    ``failure`` describing what was found. A tensor on an accelerator, or any tensor while
+    ``torch.compile`` traces, gets a device-side assertion (``torch._assert_async``) with
+    ``expected`` as its message: reading the values back would stall the host on every forward
+    and break CUDA-graph capture.
+    """
+    if ok.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), f"{name}: {expected}")
+    elif ok.numel() and not bool(ok.all()):
+        raise ValueError(f"{name}: {expected}{failure()}")
+
+
 def check_values_in_range(
     name: str, t: torch.Tensor, low: float, high: float, *, expected: str, high_inclusive: bool = True
 ) -> None:
     """Check that every value of ``t`` lies in ``[low, high]`` (``[low, high)`` if not
-    ``high_inclusive``); NaN is out of range.
+    ``high_inclusive``); NaN is out of range. On the CPU the error names the values found
+    (:func:`check_all`)."""
 
-    A CPU tensor in eager mode is checked on the host with an error naming the values found.
-    A tensor on an accelerator, or any tensor while ``torch.compile`` traces, gets a device-side
-    assertion (``torch._assert_async``) with ``expected`` as its message: reading the values
-    back would stall the host on every forward and break CUDA-graph capture.
-    """
+    def found() -> str:
+        if t.is_floating_point() and bool(t.isnan().any()):
+            return f", got {int(t.isnan().sum())} NaN values"
+        return f", got values in [{t.min().item():.6g}, {t.max().item():.6g}]"
+
     below_high = t <= high if high_inclusive else t < high
-    ok = (t >= low) & below_high
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
-        torch._assert_async(ok.all(), f"{name}: {expected}")
-        return
-    if t.numel() == 0 or bool(ok.all()):
-        return
-    found = f"values in [{t.min().item():.6g}, {t.max().item():.6g}]"
-    if t.is_floating_point() and bool(t.isnan().any()):
-        found = f"{int(t.isnan().sum())} NaN values"
-    raise ValueError(f"{name}: {expected}, got {found}")
+    check_all(name, (t >= low) & below_high, expected, found)

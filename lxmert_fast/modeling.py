@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lxmert_fast.checks import check_shape, check_tensor, check_values_in_range, describe
+from lxmert_fast.checks import check_all, check_shape, check_tensor, check_values_in_range, describe
 from lxmert_fast.config import LAYER_NORM_EPS, LxmertConfig
 from lxmert_fast.layers import Attention, CrossLayer, Layer, VisualFeatureEncoder, mask_to_bias
 from lxmert_fast.outputs import (
@@ -694,13 +694,12 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         hits = torch.zeros(rows, dtype=torch.int32, device=positions.device)
         hits.index_add_(0, positions.clamp(min=0), valid.to(torch.int32))
         covered = ~needed.reshape(-1) | (hits == 1)
-        expected = "expected every labelled / weighted row listed exactly once"
-        if positions.device.type != "cpu" or torch.compiler.is_compiling():
-            torch._assert_async(covered.all(), f"{name}: {expected}")
-        elif not bool(covered.all()):
-            raise ValueError(
-                f"{name}: {expected}, but {int((~covered).sum())} of {int(needed.sum())} are not"
-            )
+        check_all(
+            name,
+            covered,
+            "expected every labelled / weighted row listed exactly once",
+            lambda: f", but {int((~covered).sum())} of {int(needed.sum())} are not",
+        )
 
     def visual_losses(
         self,

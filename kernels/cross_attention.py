@@ -678,9 +678,7 @@ def _bias_args(bias: Tensor | None, qkv: Tensor) -> tuple[Tensor, int, int, int]
 def _explicit_seed(seed: int | Tensor, device: torch.device) -> Tensor:
     """A given seed as the kernels' int64 [1] tensor. The kernels key Philox with its low 32 bits
     (``_load_seed``), so an int must lie below 2**32 to key the documented stream."""
-    if not isinstance(seed, Tensor) and not 0 <= seed < 2**32:
-        raise ValueError(f"seed: expected 0 <= seed < 2**32 (a 32-bit Philox key), got {seed}")
-    return seed_tensor(seed, device)
+    return seed_tensor(seed, device, bits=32)
 
 
 def _common_args(plan: _Plan, seed: Tensor | None, qkv: Tensor) -> tuple:

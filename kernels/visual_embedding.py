@@ -89,7 +89,7 @@ import triton.language as tl
 from lxmert_fast import ops
 from lxmert_fast.backend import register_fast_path
 from lxmert_fast.kernels.sm90 import KernelVariant
-from lxmert_fast.philox import draw_seed, seed_tensor
+from lxmert_fast.philox import check_seed, draw_seed, seed_tensor
 
 Tensor = torch.Tensor
 
@@ -492,19 +492,13 @@ def dropout_keep_mask(
         n *= size
     if offset < 0 or offset + n >= _INT32_LIMIT:
         raise ValueError(f"offset: expected 0 <= offset and offset + numel < 2**31, got {offset} + {n}")
-    _check_seed(seed)
+    check_seed(seed, bits=31)  # tl.rand keys Philox with an int32 seed
     keep = torch.empty(n, dtype=torch.int8, device=device)
     if n:
         _dropout_keep_mask_kernel[(triton.cdiv(n, MASK_BLOCK),)](
             keep, n, seed_tensor(seed, keep.device), offset, dropout_p, BLOCK=MASK_BLOCK
         )
     return keep.view(shape).bool()
-
-
-def _check_seed(seed: int | Tensor | None) -> None:
-    # A tensor seed is not read on the host (no sync): draw_seed's are below 2**31 by construction.
-    if isinstance(seed, int) and not 0 <= seed < _INT32_LIMIT:
-        raise ValueError(f"seed: expected 0 <= seed < 2**31, got {seed}")
 
 
 @torch.library.custom_op("lxmert_fast::visual_embedding_fwd", mutates_args=())
@@ -779,7 +773,7 @@ def visual_embedding(
     with :func:`dropout_keep_mask`. Under autocast the inputs are cast as eager autocast casts
     them (see :func:`_autocast_dtypes`); gradients flow back through the casts.
     """
-    _check_seed(seed)
+    check_seed(seed, bits=31)  # tl.rand keys Philox with an int32 seed
     n_elements = features.shape[:-1].numel() * feat_weight.shape[0]
     if offset < 0 or offset + n_elements >= _INT32_LIMIT:
         raise ValueError(

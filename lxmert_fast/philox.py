@@ -71,10 +71,17 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, SEED_BOUND, (1,), dtype=torch.int64, device=device)
 
 
-def seed_tensor(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``seed`` as the int64 ``[1]`` device tensor the kernels load (tests pass plain ints)."""
+def check_seed(seed: int | torch.Tensor | None, bits: int = 63) -> None:
+    """An int ``seed`` must key Philox in ``bits`` bits: ``0 <= seed < 2**bits`` (the kernels load
+    as many). A tensor seed is not read on the host (no sync); None means "draw one"."""
+    if isinstance(seed, int) and not 0 <= seed < 2**bits:
+        raise ValueError(f"seed: expected 0 <= seed < 2**{bits}, got {seed}")
+
+
+def seed_tensor(seed: int | torch.Tensor, device: torch.device, bits: int = 63) -> torch.Tensor:
+    """``seed`` as the int64 ``[1]`` device tensor the kernels load (tests pass plain ints), after
+    :func:`check_seed` with the kernel's key width ``bits``."""
+    check_seed(seed, bits)
     if isinstance(seed, torch.Tensor):
         return seed.to(device=device, dtype=torch.int64).reshape(1)
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed: expected a value in [0, 2**63), got {seed}")
     return torch.tensor([seed], dtype=torch.int64, device=device)

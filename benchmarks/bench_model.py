@@ -13,7 +13,8 @@ Cases (``case`` parameter):
   eval-mode losses of both models are checked to agree (same weights, same work).
 * ``cuda-paper-b32`` / ``cuda-paper-b256``: transformers' default (paper) config — hidden
   768, 12 heads, 9/5/5 layers — with bf16 weights and inputs, fine-tuning and pre-training
-  batch sizes. Our model uses the fused kernels (backend ``auto``). Skipped without CUDA.
+  batch sizes. Our model runs backend ``auto``: the fast paths that lxmert_fast.backend's recorded
+  policy enables on CUDA (``LXMERT_FAST_BACKEND=triton`` times every fused path). Skipped without CUDA.
 
 ``test_model_step`` times one implementation per test (``impl`` = ours | transformers), so
 the pair's means sit side by side in the report. ``test_model_step_interleaved`` times both

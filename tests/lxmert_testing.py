@@ -24,6 +24,15 @@ SMALL = dict(
 FULL: dict = {}
 
 
+def allow_auto(monkeypatch, op: str, device_type: str) -> None:
+    """Let backend ``auto`` pick ``op``'s fast path on ``device_type``, as a recorded measurement
+    showing it at least as fast would (tests of the dispatch itself, not of the policy)."""
+    from lxmert_fast import backend
+
+    entry = backend.Measurement(op, device_type, "test", "test", (("test", "ref", 1.0),), ())
+    monkeypatch.setattr(backend, "MEASUREMENTS", (*backend.MEASUREMENTS, entry))
+
+
 def hf_config(**kwargs):
     import transformers
 

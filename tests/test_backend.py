@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from lxmert_testing import allow_auto
 
 import lxmert_fast
 from lxmert_fast import backend, ops
@@ -53,6 +54,7 @@ def fake_op(monkeypatch):
         return None if x.shape[0] % 2 == 0 else "odd sizes are not supported"
 
     monkeypatch.setitem(backend._fast_paths, "fake", backend.FastPath(impl, supports))
+    allow_auto(monkeypatch, "fake", "cuda")
     monkeypatch.setattr(backend, "_warned", set())
     monkeypatch.setattr(backend, "_fallbacks", {})
     return calls

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lxmert_testing import allow_auto
 
 from lxmert_fast import backend, ops, reference, roi_mask, use_backend
 from lxmert_fast.philox import philox_bits
@@ -288,6 +289,7 @@ def test_fake_kernels_with_default_arguments() -> None:
 
 
 def test_dispatcher_uses_cpp_op_under_auto_and_reference_when_asked(monkeypatch) -> None:
+    allow_auto(monkeypatch, ops.ROI_FEATURE_MASK, "cpu")  # auto picks it where it is measured faster
     calls = {"reference": 0, "cpp": 0}
     original_reference, original_impl = reference.roi_feature_mask, roi_mask.impl
 
@@ -326,6 +328,7 @@ def test_dispatcher_non_contiguous_features_use_cpp_op() -> None:
 
 
 def test_dispatcher_falls_back_to_reference_for_features_that_require_grad(monkeypatch) -> None:
+    allow_auto(monkeypatch, ops.ROI_FEATURE_MASK, "cpu")
     monkeypatch.setattr(backend, "_warned", set())
     x = make_features((2, 5, 3), torch.float32).nan_to_num().requires_grad_()
     with use_backend("auto"), warnings.catch_warnings(record=True) as caught:

@@ -10,13 +10,14 @@ Quick use::
 from lxmert_fast.backend import BackendUnavailableError, current_backend, set_backend, use_backend
 from lxmert_fast.checkpoint import CheckpointError, load_state_dict_strict, save_pretrained
 from lxmert_fast.config import LxmertConfig
-from lxmert_fast.layers import CrossLayer, replace_cross_layers
+from lxmert_fast.layers import CrossLayer
 from lxmert_fast.modeling import (
     LxmertForPreTraining,
     LxmertForQuestionAnswering,
     LxmertModel,
     LxmertPreTrainedModel,
 )
+from lxmert_fast.patch import apply_to, replace_cross_layers
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "LxmertForQuestionAnswering",
     "LxmertModel",
     "LxmertPreTrainedModel",
+    "apply_to",
     "current_backend",
     "load_state_dict_strict",
     "replace_cross_layers",

@@ -374,32 +374,3 @@ class VisualFeatureEncoder(nn.Module):
 # whole): the attention layers (their Attention child's fused Q/K/V parameters, read by
 # ``qkv``), the residual+LayerNorm blocks (attention and FFN outputs) and the visual embedding.
 ZERO3_LEAF_MODULES = (SelfAttentionLayer, CrossAttentionLayer, AttentionOutput, VisualFeatureEncoder)
-
-
-def replace_cross_layers(model: nn.Module, config: Any | None = None) -> int:
-    """Swap every transformers ``LxmertXLayer`` inside ``model`` for a :class:`CrossLayer`, in place.
-
-    Weights are copied (strict), the new layer takes the old one's device, dtype and
-    train/eval mode, so the model's outputs are unchanged. ``config`` defaults to
-    ``model.config``. Returns how many layers were replaced.
-    """
-    config = config if config is not None else getattr(model, "config", None)
-    if config is None:
-        raise ValueError("config: model has no .config; pass the LXMERT config explicitly")
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module).__name__ == "LxmertXLayer" and not isinstance(module, CrossLayer)
-    ]
-    for name, old in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        first = next(old.parameters())
-        new = CrossLayer(config).to(device=first.device, dtype=first.dtype)
-        new.load_state_dict(old.state_dict(), strict=True)
-        new.train(old.training)
-        if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-            parent[int(child)] = new
-        else:
-            setattr(parent, child, new)
-    return len(targets)

@@ -70,14 +70,35 @@ class RunningMetrics:
         for key, value in counts.items():
             self._counts[key] = value if key not in self._counts else self._counts[key] + value
 
-    def read(self) -> dict[str, float]:
-        """``{task: mean loss, task_acc: accuracy}`` of the window (one host copy), then reset."""
+    def read(self, all_ranks: bool = False) -> dict[str, float]:
+        """``{task: mean loss, task_acc: accuracy}`` of the window (one host copy), then reset.
+
+        ``all_ranks``: over every rank of the process group (one all-reduce, every rank calls it):
+        the losses are averaged over ranks — each rank's window holds the same number of examples
+        (fixed micro batches), so this is the mean over examples — and the counts summed."""
         keys = sorted(self._losses)
+        count_keys = sorted(self._counts)
         record: dict[str, float] = {}
+        losses = [self._losses[k] for k in keys]
+        counts = [self._counts[k] for k in count_keys]
+        if all_ranks and (losses or counts):
+            import torch.distributed as dist
+
+            device = (losses or counts)[0].device
+            parts = ([torch.stack(losses).double()] if losses else []) + (
+                [torch.stack(counts).double().flatten()] if counts else []
+            )
+            flat = torch.cat([p.to(device) for p in parts])
+            dist.all_reduce(flat)
+            world = dist.get_world_size()
+            losses = list(flat[: len(keys)] / world)
+            counts = list(flat[len(keys) :].view(len(count_keys), -1)) if counts else []
         if keys:
-            values = torch.stack([self._losses[k] for k in keys]).cpu() / max(self._weight, 1e-12)
+            values = torch.stack(losses).cpu() / max(self._weight, 1e-12)
             record.update((k, round(float(v), 6)) for k, v in zip(keys, values, strict=True))
-        record.update((f"{k}_acc", v) for k, v in accuracies(self._counts).items())
+        record.update(
+            (f"{k}_acc", v) for k, v in accuracies(dict(zip(count_keys, counts, strict=True))).items()
+        )
         self._losses, self._counts, self._weight, self._first_nonfinite = {}, {}, 0.0, {}
         return record
 

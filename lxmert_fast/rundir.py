@@ -35,6 +35,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from lxmert_fast import atomic
 
@@ -233,6 +234,9 @@ class Run:
     # The flags a checkpoint was trained with (train.py's recorded_args), saved with it under
     # "args" (client_state and run.json): a resume compares them with its own.
     args: dict = field(default_factory=dict)
+    # Does this rank publish checkpoints (run.json, the rename, latest, pruning)? Global rank 0 on
+    # a shared filesystem; each node's local rank 0 on node-local disks.
+    publisher: bool = True
 
     @property
     def ckpt_dir(self) -> str:
@@ -243,8 +247,9 @@ class Run:
         return os.path.join(self.output_dir, "export")
 
     def save_checkpoint(self, engine, step: int, micro_step: int, keep: int) -> None:
-        """Save ``checkpoints/step{step}`` complete or not at all; every rank calls this."""
-        rank = _rank()
+        """Save ``checkpoints/step{step}`` complete or not at all; every rank calls this. On node-local
+        disks every node publishes its own copy (DeepSpeed's ``use_node_local_storage`` writes the
+        model states on each node)."""
         tag = f"step{step}"
         tmp = os.path.join(self.ckpt_dir, f".{tag}{atomic.TEMP_MARK}{self.writer}")
         state = {"run_id": self.run_id, "step": step, "micro_step": micro_step, "args": self.args}
@@ -254,13 +259,13 @@ class Run:
                 engine.save_checkpoint(
                     self.ckpt_dir, tag=os.path.basename(tmp), client_state=state, save_latest=False
                 )
-                if rank == 0:
+                if self.publisher:
                     atomic.atomic_write_text(os.path.join(tmp, MARKER), json.dumps(state))
                     atomic.publish_dir(tmp, os.path.join(self.ckpt_dir, tag))
                     atomic.atomic_write_text(os.path.join(self.ckpt_dir, LATEST), tag)
                     self.prune(step, keep)
         except Exception:
-            if rank == 0:
+            if self.publisher:
                 shutil.rmtree(tmp, ignore_errors=True)  # gives a full disk its space back
             raise
         _barrier()
@@ -335,31 +340,135 @@ def _prepare(output_dir: str, resume: bool, overwrite: bool) -> Run:
     return run
 
 
-def open_run(output_dir: str, resume: bool, overwrite: bool) -> Run:
-    """Lock and check ``output_dir`` on rank 0, choose the checkpoint to resume from, and hand the
-    result to every rank. A refusal stops every rank with the same message."""
+def open_run(output_dir: str, resume: bool, overwrite: bool, layout: Any = None) -> Run:
+    """Lock and check ``output_dir``, choose the checkpoint to resume from, and hand the result to
+    every rank. A refusal stops every rank with the same message.
+
+    ``layout`` (:class:`lxmert_fast.training.dist.Layout`; None: one shared filesystem): on
+    node-local disks each node's local rank 0 does this for its own copy of ``output_dir``, and
+    the nodes must agree on the checkpoint (:func:`agree_on_checkpoint`)."""
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
     rank = _rank()
-    outcome: list = [None]
-    error: BaseException | None = None
-    if rank == 0:
+    shared = layout is None or layout.shared
+    preparer = rank == 0 if shared else layout.preparer
+    outcome = None
+    run = None
+    if preparer:
         try:
             run = _prepare(output_dir, resume, overwrite)
-            outcome = [("ok", {k: v for k, v in vars(run).items() if k != "lock"})]
+            view = {k: v for k, v in vars(run).items() if k != "lock"}
+            view["latest"], view["complete"] = _checkpoint_view(run.ckpt_dir) if resume else (None, {})
+            outcome = ("ok", view)
         except (RunDirError, OSError) as exc:
-            error = exc
-            outcome = [("error", str(exc))]
+            if isinstance(exc, OSError) and (shared or not distributed):
+                raise
+            outcome = ("error", str(exc))
+    every = [outcome]
     if distributed:
-        dist.broadcast_object_list(outcome, src=0)
-    kind, value = outcome[0]
-    if kind == "error":
-        if isinstance(error, OSError):
-            raise error
-        raise SystemExit(f"error: {value}")
-    if rank == 0:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, outcome)
+    errors = [(r, o[1]) for r, o in enumerate(every) if o is not None and o[0] == "error"]
+    if errors:
+        if run is not None:
+            run.close()
+        r, message = errors[0]
+        raise SystemExit(
+            f"error: {message}" if r == 0 else f"error on rank {r} (its node's {output_dir}): {message}"
+        )
+    views = {r: o[1] for r, o in enumerate(every) if o is not None}
+    chosen = views[0]
+    if not shared and resume and len(views) > 1:
+        try:
+            chosen = {**chosen, **agree_on_checkpoint(views)}
+        except RunDirError as exc:
+            if run is not None:
+                run.close()
+            raise SystemExit(f"error: {exc}") from None
+    if run is not None:
         for message in run.messages:
-            print(message, flush=True)
-        return run
-    return Run(**value)
+            print(message if rank == 0 else f"rank {rank} ({run.output_dir}): {message}", flush=True)
+    # One lineage and one temporary-tag suffix for every rank (DeepSpeed's tag is the same string
+    # on all of them), whichever node chose them.
+    fields = {k: chosen[k] for k in ("run_id", "writer", "resume_tag", "resume_step")}
+    retrim = rank == 0 and run is not None and resume and fields["resume_step"] != run.resume_step
+    if retrim and (trimmed := trim_log(os.path.join(run.output_dir, LOG_NAME), fields["resume_step"])):
+        print(trimmed, flush=True)
+    if run is None:
+        run = Run(output_dir=os.path.abspath(output_dir), **fields)
+    else:
+        for k, v in fields.items():
+            setattr(run, k, v)
+    run.publisher = preparer
+    return run
+
+
+def _checkpoint_view(ckpt_dir: str) -> tuple[str | None, dict[str, list]]:
+    """(the tag ``latest`` names, or None; ``{tag: [run_id, step]}`` of the complete checkpoints)."""
+    try:
+        with open(os.path.join(ckpt_dir, LATEST)) as f:
+            latest = f.read().strip() or None
+    except FileNotFoundError:
+        latest = None
+    complete = {tag: [m["run_id"], m["step"]] for tag, m in complete_checkpoints(ckpt_dir).items()}
+    return latest, complete
+
+
+def agree_on_checkpoint(views: dict[int, dict]) -> dict:
+    """The checkpoint every node resumes from, on node-local disks. ``views``: per publishing rank,
+    its node's ``latest``, its complete checkpoints and its own choice.
+
+    Every node must hold a ``latest`` (a node without one lost its checkpoints, or never had them:
+    refused, naming it); the nodes resume from the newest checkpoint complete, with one lineage, on
+    every node (a crash between two nodes' saves leaves them one checkpoint apart: the older,
+    common one is taken and said). Raises :class:`RunDirError` naming each rank's view."""
+
+    def describe(r: int) -> str:
+        v = views[r]
+        steps = ", ".join(tag for tag in v["complete"]) or "none"
+        return f"rank {r}: latest {v['latest'] or 'missing'}, complete checkpoints {steps}"
+
+    summary = "; ".join(describe(r) for r in sorted(views))
+    missing = [r for r, v in views.items() if v["latest"] is None]
+    if missing and len(missing) < len(views):
+        raise RunDirError(
+            f"--resume on node-local disks: the nodes of rank(s) {', '.join(map(str, missing))} have no "
+            f"checkpoints/latest while others do ({summary}). Resuming would mix steps: copy the missing "
+            "node's checkpoints/ from another node (every file of the tag, and latest), or start afresh "
+            "with --overwrite"
+        )
+    if missing:
+        return {"resume_tag": None, "resume_step": 0}
+    common = None
+    for v in views.values():
+        here = {(tag, run_id, step) for tag, (run_id, step) in v["complete"].items()}
+        common = here if common is None else common & here
+    if not common:
+        raise RunDirError(
+            f"--resume on node-local disks: no checkpoint is complete on every node ({summary}); restore "
+            "the missing checkpoint files on the node that lacks them, or start afresh with --overwrite"
+        )
+    tag, run_id, step = max(common, key=lambda c: c[2])
+    return {"resume_tag": tag, "resume_step": step, "run_id": run_id}
+
+
+def agree_on_resume(run: Run, micro_step: int, world: int) -> None:
+    """After loading: every rank must hold the same micro-step (``-1``: it could not load). Stops
+    every rank naming the ranks and steps otherwise — never a silent mix of steps."""
+    import torch.distributed as dist
+
+    steps = [micro_step]
+    if world > 1:
+        steps = [None] * world
+        dist.all_gather_object(steps, micro_step)
+    if len(set(steps)) == 1 and steps[0] >= 0:
+        return
+    where = os.path.join(run.ckpt_dir, run.resume_tag or "")
+    views = ", ".join(
+        f"rank {r}: {'not loaded' if s < 0 else f'micro-step {s}'}" for r, s in enumerate(steps)
+    )
+    raise SystemExit(
+        f"--resume: the ranks did not load the same state from {where} ({views}); the checkpoint is "
+        "incomplete on some node or from another run. Nothing was trained; restore it or start afresh"
+    )

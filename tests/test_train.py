@@ -153,12 +153,22 @@ def test_synthetic_set_of_an_older_format_is_regenerated(tmp_path):
 
 @pytest.fixture(scope="module")
 def train_module():
-    import importlib.util
+    """train.py's flags and helpers, as the pre-training job defines them (train.py only calls it)."""
+    import functools
+    from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("train_under_test", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from lxmert_fast.training import flags, pretrain
+
+    return SimpleNamespace(
+        parse_args=functools.partial(pretrain.parse_args, root=str(REPO)),
+        ds_config=lambda args, cuda, world=1: flags.ds_config(args, cuda, world, args.default_config),
+        total_steps_of=lambda args, per_epoch, cuda: flags.total_steps_of(
+            args, per_epoch, *pretrain.default_steps(args, cuda)
+        ),
+        resume_changes=flags.resume_changes,
+        ensure_store=pretrain.ensure_store,
+        tensorboard_choice=flags.tensorboard_choice,
+    )
 
 
 BAD_FLAGS = [

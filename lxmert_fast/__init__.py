@@ -9,7 +9,7 @@ Quick use::
 
 from lxmert_fast.backend import BackendUnavailableError, current_backend, set_backend, use_backend
 from lxmert_fast.checkpoint import CheckpointError, load_state_dict_strict, save_pretrained
-from lxmert_fast.config import LxmertConfig
+from lxmert_fast.config import LxmertConfig, set_answer_labels
 from lxmert_fast.layers import CrossLayer
 from lxmert_fast.modeling import (
     LxmertForPreTraining,
@@ -35,6 +35,7 @@ __all__ = [
     "load_state_dict_strict",
     "replace_cross_layers",
     "save_pretrained",
+    "set_answer_labels",
     "set_backend",
     "use_backend",
 ]

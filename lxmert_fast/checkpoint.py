@@ -19,6 +19,7 @@ pre-trained weights, as the authors do).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -254,12 +255,42 @@ def _fit_to_model(model: nn.Module, state_dict: dict[str, torch.Tensor], backbon
         if state_dict[k].shape != own[k].shape
     )
     if missing or unexpected or mismatched:
+        heads_only = wants_prefix and not any(
+            k.startswith(prefix + ".")
+            for k in [*missing, *unexpected, *(m.split(":")[0] for m in mismatched)]
+        )
+        if heads_only:
+            raise _heads_error(model, prefix, missing, unexpected, mismatched)
         parts = []
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched)):
             if keys:
                 parts.append(f"{len(keys)} {title} key(s):\n  " + "\n  ".join(keys))
         raise CheckpointError(f"checkpoint does not fit {type(model).__name__}:\n" + "\n".join(parts))
     return state_dict
+
+
+def _by_head(keys: list[str]) -> str:
+    """``answer_head.* (4 keys), cls.* (9 keys)``: keys grouped by their top-level module."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        groups[key.split(".")[0]] = groups.get(key.split(".")[0], 0) + 1
+    return ", ".join(f"{head}.* ({n} key{'s' * (n > 1)})" for head, n in sorted(groups.items()))
+
+
+def _heads_error(
+    model: nn.Module, prefix: str, missing: list[str], unexpected: list[str], mismatched: list[str]
+) -> CheckpointError:
+    parts = [
+        f"{title} {_by_head(keys)}"
+        for title, keys in (("missing", missing), ("unexpected", unexpected))
+        if keys
+    ]
+    parts += [f"mis-shaped {m}" for m in mismatched]
+    return CheckpointError(
+        f"checkpoint does not fit {type(model).__name__}: its backbone ({prefix}.*) fits, its heads do not "
+        f"({'; '.join(parts)}). To start the heads fresh on this backbone (fine-tuning from pre-trained "
+        f"weights), pass backbone_only=True (and the head's size, e.g. num_qa_labels=N)."
+    )
 
 
 def load_state_dict_strict(
@@ -272,19 +303,51 @@ def load_state_dict_strict(
         model.tie_weights()
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _hub_name_error(path: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{path!r} is not a local file or directory; it looks like a Hugging Face Hub model name. "
+        f"lxmert_fast loads local checkpoints only: download it with transformers' tools, e.g. "
+        f"`huggingface-cli download {path} --local-dir DIR` or, in Python, "
+        f"`transformers.LxmertForPreTraining.from_pretrained({path!r}).save_pretrained(DIR)`, then pass DIR."
+    )
+
+
+def with_overrides(config: LxmertConfig | Any, overrides: dict[str, Any]) -> LxmertConfig:
+    """A copy of ``config`` with the fields in ``overrides`` changed (validated like a new config).
+    Overriding ``num_qa_labels`` drops answer names (``id2label``) of another count."""
+    config = LxmertConfig.from_hf(config)
+    if not overrides:
+        return config
+    unknown = sorted(set(overrides) - set(LxmertConfig.field_names()))
+    if unknown:
+        raise TypeError(f"from_pretrained: unknown config field(s) {', '.join(unknown)} (see LxmertConfig)")
+    labels = config.id2label
+    if "num_qa_labels" in overrides and "id2label" not in overrides and labels is not None:
+        overrides = {**overrides, "id2label": labels if len(labels) == overrides["num_qa_labels"] else None}
+    return dataclasses.replace(config, **overrides)
+
+
 def load_pretrained(
     cls: type,
     path: str | os.PathLike,
     config: LxmertConfig | None = None,
     backbone_only: bool = False,
     dtype: torch.dtype | None = None,
+    **config_overrides: Any,
 ) -> nn.Module:
     """Build ``cls`` and load the checkpoint at ``path`` (directory or weights file).
 
     The config comes from ``config``, else ``config.json`` in the directory (or next to the
-    file), else it is inferred from the weights (the authors' ``.pth`` files carry none).
+    file), else it is inferred from the weights (the authors' ``.pth`` files carry none); then
+    ``config_overrides`` (field names of :class:`LxmertConfig`) change it. A path that does not
+    exist but looks like a Hub name (``org/name``) says how to download it.
     """
     path = os.fspath(path)
+    if not os.path.exists(path) and _HUB_NAME.fullmatch(path):
+        raise _hub_name_error(path)
     state_dict = to_hf_names(read_state_dict(path))
     if config is None:
         config_dir = path if os.path.isdir(path) else os.path.dirname(path)
@@ -294,7 +357,7 @@ def load_pretrained(
             if os.path.exists(config_file)
             else infer_config(state_dict)
         )
-    model = cls(config)
+    model = cls(with_overrides(config, config_overrides))
     load_state_dict_strict(model, state_dict, backbone_only=backbone_only)
     if dtype is not None:
         model.to(dtype)

@@ -71,6 +71,9 @@ class LxmertConfig:
     output_attentions: bool = False
     output_hidden_states: bool = False
     return_dict: bool = True
+    # The answer head's labels (transformers' PretrainedConfig fields): answer string per QA label.
+    id2label: dict[int, str] | None = field(default=None, repr=False)
+    label2id: dict[str, int] | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,10 +94,49 @@ class LxmertConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative layer count, got {getattr(self, name)}")
+        self._check_labels()
         if self.hidden_act not in ("gelu",):
             raise ValueError(
                 f"hidden_act: only 'gelu' (exact erf GELU, as LXMERT) is supported, got {self.hidden_act!r}"
             )
+
+    def _check_labels(self) -> None:
+        if self.id2label is None:
+            self.label2id = None
+            return
+        try:
+            id2label = {int(k): str(v) for k, v in dict(self.id2label).items()}
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"id2label: expected a mapping of label ids to answers ({exc})") from exc
+        # transformers' placeholder labels (LABEL_0, LABEL_1 of its default num_labels=2) name nothing.
+        if all(v == f"LABEL_{k}" for k, v in id2label.items()):
+            self.id2label = self.label2id = None
+            return
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(
+                f"id2label: expected the ids 0..{len(id2label) - 1}, got {sorted(id2label)[:5]}..."
+            )
+        if len(id2label) != self.num_qa_labels:
+            raise ValueError(
+                f"id2label: expected one answer per QA label (num_qa_labels={self.num_qa_labels}), "
+                f"got {len(id2label)}"
+            )
+        self.id2label = id2label
+        self.label2id = {v: k for k, v in id2label.items()}
+
+    def set_answer_labels(self, answers: list[str]) -> None:
+        """Name the answer head's labels: ``id2label[i] = answers[i]`` and ``label2id`` its inverse;
+        one answer per QA label (``num_qa_labels``), no duplicates."""
+        answers = [str(a) for a in answers]
+        if len(answers) != self.num_qa_labels:
+            raise ValueError(
+                f"answers: expected one per QA label (num_qa_labels={self.num_qa_labels}), got {len(answers)}"
+            )
+        if len(set(answers)) != len(answers):
+            duplicates = sorted({a for a in answers if answers.count(a) > 1})[:5]
+            raise ValueError(f"answers: expected distinct answers, got duplicates {duplicates}")
+        self.id2label = dict(enumerate(answers))
+        self.label2id = {a: i for i, a in enumerate(answers)}
 
     @property
     def head_dim(self) -> int:
@@ -125,6 +167,8 @@ class LxmertConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.field_names()}
+        if self.id2label is None:
+            del out["id2label"], out["label2id"]
         out.update({k: v for k, v in self.extra.items() if k not in out})
         out["model_type"] = "lxmert"
         return out
@@ -160,3 +204,11 @@ class LxmertConfig:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
         self.to_json_file(os.path.join(directory, CONFIG_NAME))
+
+
+def set_answer_labels(target: Any, answers: list[str]) -> None:
+    """Name the answer head's labels of a model or config: ``config.id2label`` / ``label2id`` from the
+    answer table (``answers[i]`` is QA label ``i``); saved in ``config.json`` by ``save_pretrained``
+    and read back by ``from_pretrained``. Raises if the count differs from ``num_qa_labels``."""
+    config = target if isinstance(target, LxmertConfig) else target.config
+    config.set_answer_labels(answers)

@@ -8,10 +8,12 @@ state dict loads with ``strict=True`` and ours loads back into transformers.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from lxmert_fast.checks import check_all, check_shape, check_tensor, check_values_in_range, describe
@@ -65,6 +67,15 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList([Layer(config) for _ in range(config.l_layers)])
         self.x_layers = nn.ModuleList([CrossLayer(config) for _ in range(config.x_layers)])
         self.r_layers = nn.ModuleList([Layer(config) for _ in range(config.r_layers)])
+        self.gradient_checkpointing = False
+        self.checkpoint_kwargs: dict[str, Any] = {}
+
+    def _run(self, layer: Callable, *args: Any) -> Any:
+        """``layer(*args)``, its activations recomputed in the backward when checkpointing in training
+        (the RNG state is restored for the recomputation, so dropout draws the same masks)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(layer, *args, **self.checkpoint_kwargs)
+        return layer(*args)
 
     def forward(
         self,
@@ -81,15 +92,17 @@ class Encoder(nn.Module):
         visual = self.visn_fc(visual_feats, visual_pos)
         lang_states, visual_states, lang_probs, visual_probs, cross_probs = [], [], [], [], []
         for layer in self.layer:
-            lang, probs = layer(lang, lang_bias, need_probs)
+            lang, probs = self._run(layer, lang, lang_bias, need_probs)
             lang_states.append(lang)
             lang_probs.append(probs)
         for layer in self.r_layers:
-            visual, probs = layer(visual, visual_bias, need_probs)
+            visual, probs = self._run(layer, visual, visual_bias, need_probs)
             visual_states.append(visual)
             visual_probs.append(probs)
         for layer in self.x_layers:
-            lang, visual, probs = layer.forward_biases(lang, lang_bias, visual, visual_bias, need_probs)
+            lang, visual, probs = self._run(
+                layer.forward_biases, lang, lang_bias, visual, visual_bias, need_probs
+            )
             lang_states.append(lang)
             visual_states.append(visual)
             cross_probs.append(probs)
@@ -252,16 +265,67 @@ class LxmertPreTrainedModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def num_parameters(self) -> int:
         """Distinct trainable parameters (tied weights counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Recompute each encoder layer's activations in the backward instead of keeping them (training
+        only), as transformers' method of the same name: less memory, one more forward per layer.
+        ``gradient_checkpointing_kwargs`` go to ``torch.utils.checkpoint.checkpoint``
+        (default ``use_reentrant=False``)."""
+        for module in self.modules():
+            if isinstance(module, Encoder):
+                module.gradient_checkpointing = True
+                module.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Encoder):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Encoder))
+
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, config: LxmertConfig | None = None, **kwargs: Any):
-        """Load a transformers directory or an authors' ``.pth``; see :func:`lxmert_fast.checkpoint.load_pretrained`."""
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        config: LxmertConfig | Any | None = None,
+        torch_dtype: torch.dtype | None = None,
+        *,
+        backbone_only: bool = False,
+        dtype: torch.dtype | None = None,
+        **config_overrides: Any,
+    ):
+        """Load a transformers directory or an authors' ``.pth`` (transformers' call shape).
+
+        ``config``: replaces ``config.json`` (or the config inferred from a ``.pth``);
+        ``torch_dtype`` (or ``dtype``, transformers 5's name): cast after loading;
+        ``backbone_only``: load only ``lxmert.*`` and initialise the heads (fine-tuning from a
+        pre-trained checkpoint); ``config_overrides``: config fields to change, e.g.
+        ``num_qa_labels=3129`` (with ``backbone_only=True`` when the checkpoint's head differs).
+        Loading is strict; see :func:`lxmert_fast.checkpoint.load_pretrained`.
+        """
         from lxmert_fast.checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, config=config, **kwargs)
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"torch_dtype={torch_dtype} and dtype={dtype}: pass one")
+        return load_pretrained(
+            cls,
+            path,
+            config=config,
+            backbone_only=backbone_only,
+            dtype=torch_dtype or dtype,
+            **config_overrides,
+        )
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads."""
@@ -456,6 +520,37 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return summed / valid.sum().clamp(min=1)
 
 
+def _resize_num_qa_labels(model: LxmertPreTrainedModel, num_labels: int | None) -> nn.Linear | None:
+    """transformers' ``resize_num_qa_labels``: a new last answer layer of ``num_labels`` rows, the first
+    ``min(old, new)`` copied, the rest initialised; ``config.num_qa_labels`` updated. Answer names
+    (``config.id2label``) are kept when shrinking and dropped when growing (name the new ones with
+    :func:`lxmert_fast.set_answer_labels`). Returns the layer (None for a model without QA head)."""
+    head = getattr(model, "answer_head", None)
+    if head is None:
+        return None
+    old = head.logit_fc[-1]
+    if num_labels is None or num_labels == old.out_features:
+        return old
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"num_labels: expected a positive integer, got {num_labels!r}")
+    new = nn.Linear(old.in_features, num_labels).to(device=old.weight.device, dtype=old.weight.dtype)
+    model.init_weights([new])
+    keep = min(old.out_features, num_labels)
+    with torch.no_grad():
+        new.weight[:keep] = old.weight[:keep]
+        new.bias[:keep] = old.bias[:keep]
+    new.train(old.training)
+    head.logit_fc[-1] = new
+    config = model.config
+    labels = config.id2label
+    config.num_qa_labels = num_labels
+    if labels is not None and num_labels < len(labels):
+        config.set_answer_labels([labels[i] for i in range(num_labels)])
+    elif labels is not None:
+        config.id2label = config.label2id = None
+    return new
+
+
 def _backbone_check_inputs() -> property:
     """``check_inputs`` of a model with heads: the backbone's flag (``self.lxmert.check_inputs``),
     read and set through the heads model, so ``model.check_inputs = False`` skips every value check."""
@@ -508,6 +603,11 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         if cfg.task_qa:
             self.answer_head = VisualAnswerHead(cfg, cfg.num_qa_labels)
         self.init_weights([m for name, m in self.named_children() if name != "lxmert"])
+
+    def resize_num_qa_labels(self, num_labels: int | None) -> nn.Linear | None:
+        return _resize_num_qa_labels(self, num_labels)
+
+    resize_num_qa_labels.__doc__ = _resize_num_qa_labels.__doc__
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -758,6 +858,11 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
         self.lxmert = LxmertModel(self.config)
         self.answer_head = VisualAnswerHead(self.config, self.config.num_qa_labels)
         self.init_weights([self.answer_head])
+
+    def resize_num_qa_labels(self, num_labels: int | None) -> nn.Linear | None:
+        return _resize_num_qa_labels(self, num_labels)
+
+    resize_num_qa_labels.__doc__ = _resize_num_qa_labels.__doc__
 
     def forward(
         self,

@@ -225,7 +225,8 @@ def test_config_round_trips_with_transformers(tmp_path):
     ours.save_pretrained(out)
     back = transformers.LxmertConfig.from_pretrained(out)
     for name in LxmertConfig.field_names():
-        if hasattr(back, name):
+        # No answer names: ours None, transformers its placeholders LABEL_0, LABEL_1.
+        if hasattr(back, name) and not (name in ("id2label", "label2id") and getattr(ours, name) is None):
             assert getattr(back, name) == getattr(ours, name), name
     assert lxmert_fast.LxmertConfig.from_hf(hf).to_dict()["num_qa_labels"] == hf.num_qa_labels
 

@@ -51,14 +51,14 @@ class _FinetuneDataset(Dataset):
         num_boxes: int,
         image_keys: tuple[str, ...],
     ) -> None:
+        if not examples:
+            raise ValueError("examples: the dataset is empty")
         kept = [e for e in examples if all(getattr(e, key) in store for key in image_keys)]
         if not kept:
             raise ValueError(
                 f"examples: none of the {len(examples)} examples has its images in the feature store "
-                f"{store.directory} (expected image ids like {getattr(examples[0], image_keys[0])!r} "
-                f"if any; the store holds e.g. {store.keys()[:1]})"
-                if examples
-                else "examples: the dataset is empty"
+                f"{store.directory} (the first wants {getattr(examples[0], image_keys[0])!r}; the store "
+                f"holds ids like {store.keys()[:1]})"
             )
         self.examples = kept
         self.skipped = len(examples) - len(kept)

@@ -26,11 +26,6 @@ from lxmert_fast.finetune.formats import NLVR2Example, QAExample
 Tensor = torch.Tensor
 
 
-def _labelled(examples: Sequence, key: str) -> dict:
-    by_id = {getattr(e, key): e for e in examples}
-    return by_id
-
-
 def _lookup(by_id: dict, pred_id: object, what: str):
     try:
         example = by_id[pred_id]
@@ -45,7 +40,7 @@ def qa_scores(
     predictions: Iterable[tuple[int | str, str]], examples: Sequence[QAExample]
 ) -> dict[str, float]:
     """``{"accuracy": mean soft score, "accuracy_<answer type>": ..., "count": n}`` (module docs)."""
-    by_id = _labelled(examples, "question_id")
+    by_id = {e.question_id: e for e in examples}
     total, count = 0.0, 0
     per_type: dict[str, list[float]] = {}
     for qid, answer in dict(predictions).items():
@@ -79,7 +74,7 @@ def nlvr2_scores(
     predictions: Iterable[tuple[str, int]], examples: Sequence[NLVR2Example]
 ) -> dict[str, float]:
     """``{"accuracy", "consistency", "count", "sentences"}`` of predictions keyed by identifier."""
-    by_id = _labelled(examples, "identifier")
+    by_id = {e.identifier: e for e in examples}
     correct = 0
     consistent: dict[str, bool] = {}
     predictions = dict(predictions)

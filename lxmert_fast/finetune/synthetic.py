@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 
@@ -186,13 +187,12 @@ def _ensure_pretrain_set(data_dir: str, num_train: int, num_valid: int, feat_dim
     if not pretrain_synthetic.is_current(data_dir):
         pretrain_synthetic.generate(data_dir, num_train, num_valid, feat_dim, seed)
     paths = files("vqa", data_dir)
-    store = paths["store"]
-    if not is_store(store) or store_mismatch(store, paths["features"]) is not None:
-        if is_store(store):
-            import shutil
-
-            shutil.rmtree(store)
-        convert_tsv_to_store(paths["features"], store)
+    store, tsvs = paths["store"], paths["features"]
+    if is_store(store) and any(store_mismatch(store, tsvs, fp16) is None for fp16 in (False, True)):
+        return  # train.py's conversion of these TSVs (fp32 or --fp16_features) serves as it is
+    if is_store(store):  # converted from an older set: rebuilt, as train.py does
+        shutil.rmtree(store)
+    convert_tsv_to_store(tsvs, store)
 
 
 def generate(

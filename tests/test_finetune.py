@@ -246,8 +246,13 @@ def test_vqa_model_matches_transformers_on_a_task_batch(data_dir):
         **small_config(data, num_qa_labels=data.num_labels),
     )
     task = TASKS["vqa"]
-    built = task.build_model(ours.config, data.num_labels)
+    # From a pre-trained config that names its own answers (the export's 9500 in real runs).
+    pretrained = lxmert_fast.LxmertConfig(
+        **small_config(data, num_qa_labels=3), id2label={0: "a", 1: "b", 2: "c"}
+    )
+    built = task.build_model(pretrained, data.num_labels, data.label2ans)
     assert type(built) is LxmertForQuestionAnswering and built.config.num_qa_labels == data.num_labels
+    assert built.config.id2label == dict(enumerate(data.label2ans))
     batch = first_batch(data.train)
     inputs = task.model_inputs(batch)
     with torch.no_grad():

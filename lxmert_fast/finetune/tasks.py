@@ -5,7 +5,7 @@ A loop uses a task like this (every call is documented on :class:`Task`)::
     task = TASKS["vqa"]
     paths = task.synthetic(data_dir) if no_data else {...}   # or the authors' files
     data = task.build_data(store, tokenizer, train=..., valid=..., test=..., ans2label=..., label2ans=...)
-    model = task.build_model(config, data.num_labels)          # then --load / --load_qa
+    model = task.build_model(config, data.num_labels, data.label2ans)   # then --load / --load_qa
     for batch in loader(data.train):                           # default_collate of the items
         out = model(**task.model_inputs(batch_on_device))
         loss = task.loss(out, batch_on_device)                 # backward, step
@@ -38,6 +38,8 @@ from lxmert_fast.modeling import LxmertForQuestionAnswering, masked_cross_entrop
 Tensor = torch.Tensor
 Paths = str | os.PathLike | Sequence[str | os.PathLike]
 SPLITS = ("train", "valid", "test")
+# The NLVR2 head's outputs: label 0 false, 1 true (the submission's False/True).
+NLVR2_LABELS = ("False", "True")
 
 
 @dataclass
@@ -83,8 +85,12 @@ class Task:
         store). ``ans2label``/``label2ans``: the answer tables (VQA/GQA only)."""
         raise NotImplementedError
 
-    def build_model(self, config: LxmertConfig, num_labels: int) -> nn.Module:
-        """A freshly initialised model for the task (the backbone is loaded afterwards)."""
+    def build_model(
+        self, config: LxmertConfig, num_labels: int, label2ans: Sequence[str] | None = None
+    ) -> nn.Module:
+        """A freshly initialised model for the task (the backbone is loaded afterwards). The config's
+        answer head is resized to ``num_labels`` and its labels named by ``label2ans`` when given
+        (``config.id2label``, saved with the export); labels of the pre-training table are dropped."""
         raise NotImplementedError
 
     def model_inputs(self, batch: dict[str, Tensor], use_visual_mask: bool = False) -> dict[str, Tensor]:
@@ -172,8 +178,11 @@ class QATask(Task):
         }
         return TaskData(**sets, num_labels=len(answers), label2ans=answers)
 
-    def build_model(self, config: LxmertConfig, num_labels: int) -> nn.Module:
-        return LxmertForQuestionAnswering(dataclasses.replace(config, num_qa_labels=num_labels))
+    def build_model(self, config: LxmertConfig, num_labels: int, label2ans=None) -> nn.Module:
+        config = dataclasses.replace(config, num_qa_labels=num_labels, id2label=None, label2id=None)
+        if label2ans is not None:
+            config.set_answer_labels(list(label2ans))
+        return LxmertForQuestionAnswering(config)
 
     def scores(self, output: Any) -> Tensor:
         return output.question_answering_score
@@ -231,9 +240,11 @@ class NLVR2Task(Task):
         }
         return TaskData(**sets, num_labels=2, label2ans=None)
 
-    def build_model(self, config: LxmertConfig, num_labels: int = 2) -> nn.Module:
+    def build_model(self, config: LxmertConfig, num_labels: int = 2, label2ans=None) -> nn.Module:
         if num_labels != 2:
             raise ValueError(f"nlvr2: the head is true/false (2 labels), got num_labels={num_labels}")
+        config = dataclasses.replace(config, num_qa_labels=2, id2label=None, label2id=None)
+        config.set_answer_labels(list(label2ans or NLVR2_LABELS))
         return LxmertForNLVR2(config)
 
     def scores(self, output: Any) -> Tensor:

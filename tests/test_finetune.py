@@ -227,6 +227,24 @@ def test_items_have_fixed_shapes_and_pretraining_boxes(data_dir):
     )
 
 
+def test_examples_without_features_are_refused_naming_the_file(data_dir, tmp_path):
+    _, files = data_dir
+    paths = files["gqa"]
+    lost = write(
+        tmp_path, "lost.json", [{"question_id": "1", "img_id": "COCO_1", "sent": "what ?", "label": {}}]
+    )
+    with pytest.raises(
+        ValueError, match=r"lost\.json: none of the 1 examples has its images in the feature store"
+    ):
+        TASKS["gqa"].build_data(
+            paths["store"],
+            paths["vocab"],
+            valid=lost,
+            ans2label=paths["ans2label"],
+            label2ans=paths["label2ans"],
+        )
+
+
 def test_eval_batches_cover_every_item_with_full_batches():
     for world in (1, 3):
         batches = [b for rank in range(world) for b in eval_batches(10, 4, rank, world)]

@@ -50,13 +50,14 @@ class _FinetuneDataset(Dataset):
         max_seq_len: int,
         num_boxes: int,
         image_keys: tuple[str, ...],
+        source: object = "examples",
     ) -> None:
         if not examples:
-            raise ValueError("examples: the dataset is empty")
+            raise ValueError(f"{source}: no examples")
         kept = [e for e in examples if all(getattr(e, key) in store for key in image_keys)]
         if not kept:
             raise ValueError(
-                f"examples: none of the {len(examples)} examples has its images in the feature store "
+                f"{source}: none of the {len(examples)} examples has its images in the feature store "
                 f"{store.directory} (the first wants {getattr(examples[0], image_keys[0])!r}; the store "
                 f"holds ids like {store.keys()[:1]})"
             )
@@ -86,8 +87,9 @@ class QADataset(_FinetuneDataset):
         label2ans: Sequence[str],
         max_seq_len: int = 20,
         num_boxes: int = 36,
+        source: object = "examples",
     ) -> None:
-        super().__init__(examples, store, tokenizer, max_seq_len, num_boxes, ("img_id",))
+        super().__init__(examples, store, tokenizer, max_seq_len, num_boxes, ("img_id",), source)
         self.label2ans = list(label2ans)
         self.ans2label = {answer: i for i, answer in enumerate(self.label2ans)}
         self.has_labels = all(e.label is not None for e in self.examples)
@@ -118,8 +120,9 @@ class NLVR2Dataset(_FinetuneDataset):
         tokenizer: WordPieceTokenizer,
         max_seq_len: int = 20,
         num_boxes: int = 36,
+        source: object = "examples",
     ) -> None:
-        super().__init__(examples, store, tokenizer, max_seq_len, num_boxes, ("img0", "img1"))
+        super().__init__(examples, store, tokenizer, max_seq_len, num_boxes, ("img0", "img1"), source)
         self.label2ans = None
         self.has_labels = all(e.label is not None for e in self.examples)
 

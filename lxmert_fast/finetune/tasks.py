@@ -10,7 +10,7 @@ A loop uses a task like this (every call is documented on :class:`Task`)::
         out = model(**task.model_inputs(batch_on_device))
         loss = task.loss(out, batch_on_device)                 # backward, step
         metrics.add_counts(task.accuracy_counts(out, batch_on_device))   # no host read
-    preds = [p for batch in loader(data.valid) for p in task.predictions(out, batch, data.valid)]
+    preds = [p for b in eval_loader(data.valid) for p in task.predictions(model(**task.model_inputs(b)), b, data.valid)]
     task.evaluate(preds, data.valid.examples)                   # {"accuracy", ...}
     task.write_submission(preds, path)                          # atomic, the server's format
 """
@@ -57,7 +57,7 @@ class Task:
     """What a loop needs of a fine-tuning task. Subclasses: :class:`QATask`, :class:`NLVR2Task`."""
 
     name: str
-    #: File name of the predictions of ``split`` (``{split}_predict.json`` / ``.csv``, the authors').
+    #: Extension of the submission file (the authors name it ``{split}_predict.json`` / ``.csv``).
     submission_suffix: str
 
     def synthetic(self, data_dir: str | os.PathLike, **kwargs: Any) -> dict:
@@ -135,6 +135,10 @@ class Task:
         return synthetic.text_only_baseline(self.name, train, held_out)
 
 
+def _describe(paths: Paths) -> str:
+    return ", ".join(os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths))
+
+
 def _open(store, tokenizer) -> tuple[FeatureStore, WordPieceTokenizer]:
     store = store if isinstance(store, FeatureStore) else FeatureStore(store)
     tokenizer = tokenizer if isinstance(tokenizer, WordPieceTokenizer) else WordPieceTokenizer(tokenizer)
@@ -173,7 +177,9 @@ class QATask(Task):
         sets = {
             split: None
             if paths is None
-            else QADataset(self.read(paths), store, tokenizer, answers, max_seq_len, num_boxes)
+            else QADataset(
+                self.read(paths), store, tokenizer, answers, max_seq_len, num_boxes, source=_describe(paths)
+            )
             for split, paths in zip(SPLITS, (train, valid, test), strict=True)
         }
         return TaskData(**sets, num_labels=len(answers), label2ans=answers)
@@ -235,7 +241,9 @@ class NLVR2Task(Task):
         sets = {
             split: None
             if paths is None
-            else NLVR2Dataset(self.read(paths), store, tokenizer, max_seq_len, num_boxes)
+            else NLVR2Dataset(
+                self.read(paths), store, tokenizer, max_seq_len, num_boxes, source=_describe(paths)
+            )
             for split, paths in zip(SPLITS, (train, valid, test), strict=True)
         }
         return TaskData(**sets, num_labels=2, label2ans=None)

@@ -10,6 +10,7 @@ Quick use::
 from lxmert_fast.backend import BackendUnavailableError, current_backend, set_backend, use_backend
 from lxmert_fast.checkpoint import CheckpointError, load_state_dict_strict, save_pretrained
 from lxmert_fast.config import LxmertConfig, set_answer_labels
+from lxmert_fast.inference import Answerer, answer
 from lxmert_fast.layers import CrossLayer
 from lxmert_fast.modeling import (
     LxmertForPreTraining,
@@ -22,6 +23,7 @@ from lxmert_fast.patch import apply_to, replace_cross_layers
 __version__ = "0.1.0"
 
 __all__ = [
+    "Answerer",
     "BackendUnavailableError",
     "CheckpointError",
     "CrossLayer",
@@ -30,6 +32,7 @@ __all__ = [
     "LxmertForQuestionAnswering",
     "LxmertModel",
     "LxmertPreTrainedModel",
+    "answer",
     "apply_to",
     "current_backend",
     "load_state_dict_strict",

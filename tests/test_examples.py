@@ -8,10 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_example(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``examples/run_batch.py ARGS`` as a user runs it (no Triton interpreter); must exit 0."""
+def run_example(cwd: Path, *args: str, script: str = "run_batch.py") -> subprocess.CompletedProcess:
+    """``examples/SCRIPT ARGS`` as a user runs it (no Triton interpreter); must exit 0."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "run_batch.py"), *args],
+        [sys.executable, str(ROOT / "examples" / script), *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -62,3 +62,18 @@ def test_run_batch_token_ids_follow_the_vocabulary(tmp_path):
     assert module.token_ids(str(tmp_path / "model.safetensors"), 7) == (2, 3, [5, 6])
     assert module.token_ids(None, 30522) == (101, 102, list(range(1000, 30522)))
     assert module.token_ids(None, 10) == (1, 2, list(range(10)))
+
+
+def test_answer_example_on_an_export(tmp_path):
+    # Issue #17 point 4: answers, not logits, on an export laid out as train.py writes it and the
+    # synthetic set the default run trains on.
+    from test_inference import make_export
+
+    from lxmert_fast.data.synthetic import generate
+
+    data = tmp_path / "synthetic_data"
+    generate(str(data), num_train=2, num_valid=5, feat_dim=24, seed=3)
+    export = make_export(data, tmp_path / "export")
+    proc = run_example(tmp_path, str(export), "--data", str(data), "--images", "3", script="answer.py")
+    assert proc.stdout.count("Q: ") == 3 and "top-1 matches the data's answer for" in proc.stdout, proc.stdout
+    assert "model LxmertForPreTraining on " in proc.stdout

@@ -13,6 +13,13 @@ import torch
 from lxmert_fast.data.store import FeatureStore
 
 
+def normalize_boxes(boxes: np.ndarray, img_h: float, img_w: float) -> np.ndarray:
+    """Pixel boxes (x1, y1, x2, y2) [n, 4] -> float32 divided by (w, h, w, h), clipped to [0, 1]: what
+    the model was trained on (lxmert_fast.inference uses it too)."""
+    size = np.array([img_w, img_h, img_w, img_h], np.float32)
+    return np.clip(np.asarray(boxes, np.float32) / size, 0.0, 1.0)
+
+
 def image_tensors(store: FeatureStore, img_id: str, num_boxes: int) -> dict[str, torch.Tensor]:
     """One image's tensors padded to ``num_boxes``, shared by the pre-training and fine-tuning items:
     ``visual_feats`` [N, D] float32, ``visual_pos`` [N, 4] (pixel boxes divided by (w, h, w, h),
@@ -31,11 +38,10 @@ def image_tensors(store: FeatureStore, img_id: str, num_boxes: int) -> dict[str,
         raise ValueError(
             f"image {img_id!r} in {store.directory}: boxes hold NaN or Inf, expected finite pixel coordinates"
         )
-    size = np.array([item["img_w"], item["img_h"], item["img_w"], item["img_h"]], np.float32)
     feats = np.zeros((num_boxes, item["features"].shape[1]), np.float32)
     boxes = np.zeros((num_boxes, 4), np.float32)
     feats[:n] = item["features"][:n]
-    boxes[:n] = np.clip(item["boxes"][:n] / size, 0.0, 1.0)
+    boxes[:n] = normalize_boxes(item["boxes"][:n], item["img_h"], item["img_w"])
     out = {"visual_feats": torch.from_numpy(feats), "visual_pos": torch.from_numpy(boxes)}
     out["visual_mask"] = (torch.arange(num_boxes) < n).float()
     for key, field in (("obj", "objects"), ("attr", "attrs")):

@@ -261,3 +261,32 @@ def text_only_baseline(
     if task == "nlvr2":
         return nlvr2_scores([(e.identifier, guess(e.sent)) for e in held_out], held_out)["accuracy"]
     return qa_scores([(e.question_id, guess(e.sent)) for e in held_out], held_out)["accuracy"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lxmert_fast.finetune.synthetic",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("task", choices=TASK_NAMES)
+    parser.add_argument("data_dir", help="the pre-training synthetic set's directory (written if absent)")
+    parser.add_argument(
+        "--num_train", type=int, default=1000, help="training images of a new pre-training set"
+    )
+    parser.add_argument(
+        "--num_valid", type=int, default=200, help="held-out images of a new pre-training set"
+    )
+    parser.add_argument("--feat_dim", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = generate(args.task, args.data_dir, args.num_train, args.num_valid, args.feat_dim, args.seed)
+    print(
+        f"wrote {task_dir(args.task, args.data_dir)}: {', '.join(os.path.basename(p[0]) for p in (paths[s] for s in SPLITS))}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,7 @@ from torch import nn
 from lxmert_fast.config import LxmertConfig
 from lxmert_fast.data.store import FeatureStore
 from lxmert_fast.data.tokenization import WordPieceTokenizer
-from lxmert_fast.finetune import evaluation, submission, synthetic
+from lxmert_fast.finetune import evaluation, submission
 from lxmert_fast.finetune.datasets import NLVR2Dataset, QADataset
 from lxmert_fast.finetune.formats import read_gqa, read_label_tables, read_nlvr2, read_vqa
 from lxmert_fast.finetune.models import LxmertForNLVR2, soft_score_loss
@@ -64,6 +64,8 @@ class Task:
         """Generate (or reuse) the synthetic set in ``data_dir``; returns the paths of
         :func:`lxmert_fast.finetune.synthetic.files` (``train``, ``valid``, ``test``, ``ans2label``,
         ``label2ans``, ``features``, ``store``, ``vocab``, ``num_boxes``, ``max_seq_len``)."""
+        from lxmert_fast.finetune import synthetic  # not at import: `python -m` runs that module
+
         return synthetic.generate(self.name, data_dir, **kwargs)
 
     def read(self, paths: Paths) -> list:
@@ -132,6 +134,8 @@ class Task:
 
     def text_only_baseline(self, train: Sequence, held_out: Sequence) -> float:
         """The held-out accuracy of answering from the text alone (majority answer per question)."""
+        from lxmert_fast.finetune import synthetic
+
         return synthetic.text_only_baseline(self.name, train, held_out)
 
 

@@ -86,8 +86,9 @@ class FastPath:
     """A fast implementation of one op.
 
     ``supports(*args, **kwargs)`` returns ``None`` when the implementation can serve the call,
-    else a short reason (shown in the fallback warning or the error). ``on_cpu``: ``auto``
-    also picks it for CPU tensors (a compiled C++ op that is exact, not an interpreted kernel).
+    else a short reason (shown in the fallback warning or the error). ``on_cpu``: it can serve
+    CPU tensors outside the Triton interpreter (a compiled C++ op), so ``auto`` may pick it there
+    where :data:`MEASUREMENTS` allows.
     """
 
     impl: Callable

@@ -65,7 +65,8 @@ Backward
     ``dx = rstd * (w*dy - mean(w*dy) - x_hat * mean(w*dy * x_hat))``; ``d residual = dx``,
     ``d hidden = dx * keep / (1 - p)``. Each program writes one fp32 partial row of
     ``dW = sum dy * x_hat`` and ``db = sum dy`` over its rows into ``[P, N]`` buffers; a second
-    kernel (``_residual_dropout_layer_norm_bwd_reduce``) sums the ``P`` partials of 32 columns per
+    kernel (``_residual_dropout_layer_norm_bwd_reduce``, on the shared
+    :func:`lxmert_fast.kernels.partial_sums.sum_partials`) sums the ``P`` partials of 32 columns per
     program, 64 partial rows at a time in a fixed order, and writes dW/db in the dtypes of
     ``weight`` and ``bias`` (zeros when ``R == 0``). No atomics and no torch ops after the
     kernels: bitwise reproducible on a given device.
@@ -97,6 +98,7 @@ import triton.language as tl
 
 from lxmert_fast import ops
 from lxmert_fast.backend import register_fast_path
+from lxmert_fast.kernels.partial_sums import REDUCE_COLS, REDUCE_ROWS, REDUCE_WARPS, sum_partials
 from lxmert_fast.kernels.sm90 import KernelVariant
 from lxmert_fast.philox import draw_seed, philox_bits, seed_tensor
 from lxmert_fast.reference import probability_threshold
@@ -116,10 +118,6 @@ _FWD_PROGRAMS_PER_SM = 16
 _BWD_PROGRAMS_PER_SM = 4
 # Interpreted: few programs, so that small test shapes still run several rows per program.
 _INTERPRETER_PROGRAMS = 8
-# The dW/db reduction: each program sums BLOCK_P partial rows at a time over REDUCE_COLS columns.
-REDUCE_COLS = 32
-REDUCE_ROWS = 64
-_REDUCE_WARPS = 4
 
 
 @triton.jit
@@ -262,20 +260,10 @@ def _residual_dropout_layer_norm_bwd_reduce(
     BLOCK_P: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    cols = pid * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     col_mask = cols < n_cols
-    parts = tl.arange(0, BLOCK_P)
-    dw_acc = tl.zeros([BLOCK_P, BLOCK_COLS], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_P, BLOCK_COLS], dtype=tl.float32)
-    for start in range(0, n_partials, BLOCK_P):
-        rows = (start + parts).to(tl.int64)
-        mask = (rows[:, None] < n_partials) & col_mask[None, :]
-        offsets = rows[:, None] * n_cols + cols[None, :]
-        dw_acc += tl.load(dw_partial_ptr + offsets, mask=mask, other=0.0)
-        db_acc += tl.load(db_partial_ptr + offsets, mask=mask, other=0.0)
-    dw = tl.sum(dw_acc, axis=0)
-    db = tl.sum(db_acc, axis=0)
+    dw = sum_partials(dw_partial_ptr, n_cols, n_partials, cols, col_mask, BLOCK_P, BLOCK_COLS)
+    db = sum_partials(db_partial_ptr, n_cols, n_partials, cols, col_mask, BLOCK_P, BLOCK_COLS)
     tl.store(grad_weight_ptr + cols, dw.to(grad_weight_ptr.dtype.element_ty), mask=col_mask)
     tl.store(grad_bias_ptr + cols, db.to(grad_bias_ptr.dtype.element_ty), mask=col_mask)
 
@@ -447,7 +435,7 @@ def residual_dropout_layer_norm_backward(
         programs,
         BLOCK_P=REDUCE_ROWS,
         BLOCK_COLS=REDUCE_COLS,
-        num_warps=_REDUCE_WARPS,
+        num_warps=REDUCE_WARPS,
     )
     return grad_hidden, grad_residual, grad_weight, grad_bias
 
@@ -579,7 +567,7 @@ def sm90_variants() -> list[KernelVariant]:
                 name=f"residual_ln_bwd_reduce_w{_TRITON_DTYPES[w_dtype]}",
                 fn=_residual_dropout_layer_norm_bwd_reduce,
                 args=_reduce_args(w_dtype),
-                options={"num_warps": _REDUCE_WARPS},
+                options={"num_warps": REDUCE_WARPS},
             )
         )
     return variants

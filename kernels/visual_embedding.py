@@ -15,10 +15,17 @@ Backward: one row kernel regenerates the dropout mask, runs both LayerNorm backw
 writes ``d(features·W_vᵀ + b_v)`` (projection dtype) and ``d boxes`` (``pos_dim`` is tiny, so
 ``dy·W_b`` is an in-register reduction). Every program keeps fp32 partial rows of the
 gradients of both LayerNorm weights, the (shared) LayerNorm bias gradient, ``b_v``, ``b_b``
-and ``W_b``; the launcher sums the partials in torch: deterministic, no atomics. So the box
-projection's output gradient never goes to memory (the brief's ``dproj_b`` GEMMs would write
-and re-read an ``[M, hidden]`` tensor for ``pos_dim`` MACs per element). ``d features =
-dproj·W_v`` and ``dW_v = dprojᵀ·features`` are cuBLAS GEMMs. Saved for backward: the
+and ``W_b`` and writes them to ``[programs, 5, hidden]`` and ``[programs, pos_dim, hidden]``
+fp32 buffers; a second kernel (``_visual_embedding_bwd_reduce_kernel``, on the shared
+:func:`lxmert_fast.kernels.partial_sums.sum_partials`) sums them, program ``(c, j)`` partial
+row ``j`` of the ``5 + pos_dim`` over 32 columns, 64 partials at a time in a fixed order (one
+launch of ``ceil(hidden / 32) x (5 + pos_dim)`` programs of 4 warps), and writes every parameter
+gradient in its parameter's dtype (``W_b``'s transposed into its ``[hidden, pos_dim]``
+layout, the LayerNorm bias gradient once per bias): deterministic, no atomics, no torch ops
+after the kernels. So the box projection's output gradient never goes to memory (the brief's
+``dproj_b`` GEMMs would write and re-read an ``[M, hidden]`` tensor for ``pos_dim`` MACs per
+element). ``d features = dproj·W_v`` and ``dW_v = dprojᵀ·features`` are cuBLAS GEMMs, the only
+torch work of the backward. Saved for backward: the
 ``[M, hidden]`` projection (as eager PyTorch saves it for its LayerNorm), the features (only
 when ``W_v`` needs a gradient), the boxes and the ``[4, M]`` fp32 stats; the box projection is
 recomputed.
@@ -30,8 +37,9 @@ needs from L1 per tile rather than pinning a ``[BLOCK_H, BLOCK_P]`` tile in regi
 sm_90 compile check (tests/test_compile_sm90.py) reports about 200 (forward) / 240 (backward)
 registers per thread at 8 warps, half precision, ``pos_dim`` 4, no spills: one program per SM
 at a time, four rows in flight. The backward at ``BLOCK_P`` 8 (``pos_dim`` 5..8) takes two
-rows per step: four spilled. Not yet timed on a GPU: ``BLOCK_M``/``num_warps`` are the knobs
-to tune.
+rows per step: four spilled (253-255 registers now, none spilled). The reduction of the
+partials: 40 registers at 4 warps, no spills, one variant per dtype pair. Not yet timed on a
+GPU: ``BLOCK_M``/``num_warps`` are the knobs to tune.
 
 Layouts: the projection, output and gradient rows are ``[M, hidden]`` with unit column
 stride and a row stride argument; boxes ``[M, pos_dim]`` likewise; ``W_b`` is ``[hidden,
@@ -63,9 +71,9 @@ int. :func:`dropout_keep_mask` exports the same mask for tests (int or tensor se
 
 Registration: ``lxmert_fast::visual_embedding_fwd`` (the ``addmm`` and the forward row kernel;
 returns the output, the projection and the stats) and ``lxmert_fast::visual_embedding_bwd``
-(the backward row kernel) are ``torch.library.custom_op`` with fake kernels; the forward's
-registered autograd calls the backward op and the two GEMMs. ``torch.compile(fullgraph=True)``
-traces :func:`visual_embedding` without a break (the seed draw is a graph op).
+(the backward row kernel and the reduction of its partials) are ``torch.library.custom_op``
+with fake kernels; the forward's registered autograd calls the backward op and the two GEMMs.
+``torch.compile(fullgraph=True)`` traces :func:`visual_embedding` without a break (the seed draw is a graph op).
 ``torch.library.triton_op`` would let inductor see the kernels, but does not run under the
 interpreter (DESIGN.md §6).
 
@@ -88,6 +96,7 @@ import triton.language as tl
 
 from lxmert_fast import ops
 from lxmert_fast.backend import register_fast_path
+from lxmert_fast.kernels.partial_sums import REDUCE_COLS, REDUCE_ROWS, REDUCE_WARPS, sum_partials
 from lxmert_fast.kernels.sm90 import KernelVariant
 from lxmert_fast.philox import check_seed, draw_seed, seed_tensor
 
@@ -106,6 +115,8 @@ MASK_BLOCK = 1024
 # ptxas for sm_90: no spills at 8 warps for the LXMERT shape (hidden 768, pos_dim 4).
 NUM_WARPS = 8
 _INT32_LIMIT = 2**31
+# LayerNorm/bias partial rows per backward program: dγ_v, dβ, db_v, dγ_b, db_b.
+N_LN_PARTIALS = tl.constexpr(5)
 
 
 @triton.jit
@@ -311,7 +322,9 @@ def _visual_embedding_bwd_kernel(
             d_w_k = tl.sum(dy * box_k.to(tl.float32)[:, None], axis=0)
             d_box_w += tl.where(ks[:, None] == k, d_w_k[None, :], 0.0)
 
-    partials = ln_partials_ptr + pid * 5 * hidden + cols
+    # Two buffers, not one [programs, 5 + pos_dim, hidden]: the merged addressing cost the
+    # BLOCK_P 8 variants (253-255 registers) 4 spilled words on sm_90.
+    partials = ln_partials_ptr + pid * N_LN_PARTIALS * hidden + cols
     tl.store(partials, d_feat_g, mask=col_mask)
     tl.store(partials + hidden, d_beta, mask=col_mask)
     tl.store(partials + 2 * hidden, d_feat_b, mask=col_mask)
@@ -322,6 +335,60 @@ def _visual_embedding_bwd_kernel(
         d_box_w,
         mask=(ks[:, None] < pos_dim) & col_mask[None, :],
     )
+
+
+@triton.jit(do_not_specialize=["n_partials"])
+def _visual_embedding_bwd_reduce_kernel(
+    feat_bias_grad_ptr,  # [hidden] out, GEMM dtype
+    feat_ln_weight_grad_ptr,  # [hidden] out, LayerNorm dtype
+    feat_ln_bias_grad_ptr,  # [hidden] out, LayerNorm dtype
+    box_weight_grad_ptr,  # [hidden, pos_dim] contiguous out, GEMM dtype
+    box_bias_grad_ptr,  # [hidden] out, GEMM dtype
+    box_ln_weight_grad_ptr,  # [hidden] out, LayerNorm dtype
+    box_ln_bias_grad_ptr,  # [hidden] out, LayerNorm dtype
+    ln_partials_ptr,  # [n_partials, 5, hidden] fp32, written by _visual_embedding_bwd_kernel
+    box_weight_partials_ptr,  # [n_partials, pos_dim, hidden] fp32, likewise
+    n_partials,
+    hidden,
+    pos_dim,
+    BLOCK_P: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
+    # Program (c, j) sums partial row j (of the 5 LayerNorm/bias rows, then W_b's pos_dim) over
+    # the backward's programs for BLOCK_COLS columns.
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_mask = cols < hidden
+    j = tl.program_id(1)
+    if j < N_LN_PARTIALS:
+        base, stride = ln_partials_ptr + j * hidden, N_LN_PARTIALS * hidden
+    else:
+        base, stride = box_weight_partials_ptr + (j - N_LN_PARTIALS) * hidden, pos_dim * hidden
+    total = sum_partials(base, stride, n_partials, cols, col_mask, BLOCK_P, BLOCK_COLS)
+    if j == 0:
+        tl.store(
+            feat_ln_weight_grad_ptr + cols, total.to(feat_ln_weight_grad_ptr.dtype.element_ty), mask=col_mask
+        )
+    elif j == 1:
+        # Both LayerNorm biases get this gradient: written to each.
+        tl.store(
+            feat_ln_bias_grad_ptr + cols, total.to(feat_ln_bias_grad_ptr.dtype.element_ty), mask=col_mask
+        )
+        tl.store(box_ln_bias_grad_ptr + cols, total.to(box_ln_bias_grad_ptr.dtype.element_ty), mask=col_mask)
+    elif j == 2:
+        tl.store(feat_bias_grad_ptr + cols, total.to(feat_bias_grad_ptr.dtype.element_ty), mask=col_mask)
+    elif j == 3:
+        tl.store(
+            box_ln_weight_grad_ptr + cols, total.to(box_ln_weight_grad_ptr.dtype.element_ty), mask=col_mask
+        )
+    elif j == 4:
+        tl.store(box_bias_grad_ptr + cols, total.to(box_bias_grad_ptr.dtype.element_ty), mask=col_mask)
+    else:
+        # Row 5 + k holds column k of dW_b: [hidden, pos_dim] is written with stride pos_dim.
+        tl.store(
+            box_weight_grad_ptr + cols * pos_dim + (j - N_LN_PARTIALS),
+            total.to(box_weight_grad_ptr.dtype.element_ty),
+            mask=col_mask,
+        )
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -426,20 +493,23 @@ def _backward_rows(
     dropout_p: float,
     seed: Tensor | None,
     offset: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the backward row kernel; returns (dproj [M, hidden], dboxes [M, pos_dim],
-    summed LayerNorm/bias grads [5, hidden] fp32, dW_b [hidden, pos_dim] fp32)."""
+) -> tuple[Tensor, ...]:
+    """Launch the backward row kernel and the reduction of its partials; returns (dproj [M,
+    hidden], dboxes [M, pos_dim], d b_v, d γ_v, d β_v, d W_b [hidden, pos_dim], d b_b, d γ_b,
+    d β_b), each parameter gradient in its parameter's dtype (b_v: the projection's; both β: their
+    γ's)."""
     n_rows, hidden = proj.shape
     pos_dim = boxes.shape[1]
+    device = proj.device
     dproj = torch.empty_like(proj)
     dboxes = torch.empty_like(boxes)
     block_p = _block_p(pos_dim)
     block_m = _bwd_block_m(block_p)
     # One program per SM: each writes 5 + pos_dim partial rows, and at ~253 registers per
     # thread (ptxas, 8 warps) a second one could not be resident anyway.
-    programs, rows_per_program = _programs(n_rows, block_m, proj.device, per_sm=1)
-    ln_partials = torch.empty((programs, 5, hidden), dtype=torch.float32, device=proj.device)
-    box_weight_partials = torch.empty((programs, pos_dim, hidden), dtype=torch.float32, device=proj.device)
+    programs, rows_per_program = _programs(n_rows, block_m, device, per_sm=1)
+    ln_partials = torch.empty((programs, N_LN_PARTIALS.value, hidden), dtype=torch.float32, device=device)
+    box_weight_partials = torch.empty((programs, pos_dim, hidden), dtype=torch.float32, device=device)
     _visual_embedding_bwd_kernel[(programs,)](
         dproj,
         dproj.stride(0),
@@ -472,7 +542,28 @@ def _backward_rows(
         HAS_DROPOUT=dropout_p > 0.0,
         num_warps=NUM_WARPS,
     )
-    return dproj, dboxes, ln_partials.sum(dim=0), box_weight_partials.sum(dim=0).t().contiguous()
+    grads = (
+        proj.new_empty(hidden),
+        torch.empty_like(feat_ln_weight),
+        torch.empty_like(feat_ln_weight),
+        torch.empty_like(box_weight),
+        torch.empty_like(box_bias),
+        torch.empty_like(box_ln_weight),
+        torch.empty_like(box_ln_weight),
+    )
+    grid = (triton.cdiv(hidden, REDUCE_COLS), N_LN_PARTIALS.value + pos_dim)
+    _visual_embedding_bwd_reduce_kernel[grid](
+        *grads,
+        ln_partials,
+        box_weight_partials,
+        programs,
+        hidden,
+        pos_dim,
+        BLOCK_P=REDUCE_ROWS,
+        BLOCK_COLS=REDUCE_COLS,
+        num_warps=REDUCE_WARPS,
+    )
+    return dproj, dboxes, *grads
 
 
 def dropout_keep_mask(
@@ -568,11 +659,12 @@ def visual_embedding_bwd(
     dropout_p: float,
     seed: Tensor | None,
     offset: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The fused backward rows: (dproj [M, hidden] in proj's dtype, dboxes in boxes' shape and
-    dtype, [5, hidden] fp32 sums dγ_v, dβ (both LayerNorms), db_v, dγ_b, db_b, and dW_b [hidden,
-    pos_dim] fp32); the dropout mask is regenerated from (seed, offset)."""
-    dproj, dboxes, ln_sums, d_box_weight = _backward_rows(
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused backward: (dproj [M, hidden] in proj's dtype, dboxes in boxes' shape and dtype,
+    then the gradients of b_v, γ_v, β_v, W_b, b_b, γ_b, β_b, each in the dtype of the parameter
+    the forward took: b_v proj's, W_b and b_b their own, the LayerNorm ones their γ's); the
+    dropout mask is regenerated from (seed, offset)."""
+    dproj, dboxes, *grads = _backward_rows(
         grad_out.reshape(proj.shape).contiguous(),
         proj,
         boxes.reshape(-1, boxes.shape[-1]).contiguous(),
@@ -585,25 +677,30 @@ def visual_embedding_bwd(
         seed,
         offset,
     )
-    return dproj, dboxes.view(boxes.shape), ln_sums, d_box_weight
+    return dproj, dboxes.view(boxes.shape), *grads
 
 
 @visual_embedding_bwd.register_fake
 def _visual_embedding_bwd_fake(
-    grad_out, proj, boxes, box_weight, *_
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grad_out, proj, boxes, box_weight, box_bias, feat_ln_weight, box_ln_weight, *_
+) -> tuple[Tensor, ...]:
     hidden = proj.shape[1]
     return (
         proj.new_empty(proj.shape),
         boxes.new_empty(boxes.shape),
-        proj.new_empty((5, hidden), dtype=torch.float32),
-        proj.new_empty(box_weight.shape, dtype=torch.float32),
+        proj.new_empty(hidden),
+        feat_ln_weight.new_empty(hidden),
+        feat_ln_weight.new_empty(hidden),
+        box_weight.new_empty(box_weight.shape),
+        box_bias.new_empty(hidden),
+        box_ln_weight.new_empty(hidden),
+        box_ln_weight.new_empty(hidden),
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    features, boxes, feat_weight, feat_bias, feat_ln_weight, feat_ln_bias = inputs[:6]
-    box_weight, box_bias, box_ln_weight, box_ln_bias, _eps, dropout_p, seed, offset = inputs[6:]
+    features, boxes, feat_weight, _feat_bias, feat_ln_weight, _feat_ln_bias = inputs[:6]
+    box_weight, box_bias, box_ln_weight, _box_ln_bias, _eps, dropout_p, seed, offset = inputs[6:]
     _, proj, stats = output
     # proj and stats are saved for the backward, not results: no gradients flow into them.
     ctx.mark_non_differentiable(proj, stats)
@@ -622,10 +719,6 @@ def _setup_context(ctx, inputs, output) -> None:
         seed,
     )
     ctx.launch = (dropout_p, offset)
-    ctx.grad_dtypes = tuple(
-        t.dtype
-        for t in (feat_bias, feat_ln_weight, feat_ln_bias, box_weight, box_bias, box_ln_weight, box_ln_bias)
-    )
 
 
 def _backward(ctx, grad_out: Tensor, _grad_proj: None, _grad_stats: None) -> tuple[Tensor | None, ...]:
@@ -633,7 +726,7 @@ def _backward(ctx, grad_out: Tensor, _grad_proj: None, _grad_stats: None) -> tup
         ctx.saved_tensors
     )
     dropout_p, offset = ctx.launch
-    dproj, d_boxes, ln_sums, d_box_w = visual_embedding_bwd(
+    dproj, d_boxes, *param_grads = visual_embedding_bwd(
         grad_out,
         proj,
         boxes,
@@ -647,22 +740,21 @@ def _backward(ctx, grad_out: Tensor, _grad_proj: None, _grad_stats: None) -> tup
         offset,
     )
     need = ctx.needs_input_grad
+    # The two GEMMs are the only work after the kernels.
     d_features = (dproj @ feat_weight).view(*grad_out.shape[:-1], -1) if need[0] else None
     d_feat_weight = dproj.t() @ features.reshape(-1, features.shape[-1]) if need[2] else None
-    d_feat_g, d_beta, d_feat_b, d_box_g, d_box_b = ln_sums.unbind(0)
-    feat_b_t, feat_g_t, feat_beta_t, box_w_t, box_b_t, box_g_t, box_beta_t = ctx.grad_dtypes
+    d_feat_b, d_feat_g, d_feat_beta, d_box_w, d_box_b, d_box_g, d_box_beta = param_grads
     return (
         d_features,
         d_boxes if need[1] else None,
         d_feat_weight,
-        d_feat_b.to(feat_b_t),
-        d_feat_g.to(feat_g_t),
-        d_beta.to(feat_beta_t),
-        d_box_w.to(box_w_t),
-        d_box_b.to(box_b_t),
-        d_box_g.to(box_g_t),
-        # Both LayerNorm biases get the same gradient: a copy each, never one tensor twice.
-        d_beta.to(box_beta_t, copy=True),
+        d_feat_b,
+        d_feat_g,
+        d_feat_beta,
+        d_box_w,
+        d_box_b,
+        d_box_g,
+        d_box_beta,
         None,
         None,
         None,
@@ -811,8 +903,8 @@ def visual_embedding(
 
 
 def sm90_variants() -> list[KernelVariant]:
-    """Every specialisation the launchers can pick: dtypes x BLOCK_P x dropout x fwd/bwd, plus the
-    mask kernel, each with the arguments of LXMERT pre-training (B * 36 contiguous rows of 768; the
+    """Every specialisation the launchers can pick: dtypes x BLOCK_P x dropout x fwd/bwd, the
+    backward's reduction per dtype pair, plus the mask kernel, each with the arguments of LXMERT pre-training (B * 36 contiguous rows of 768; the
     widest boxes a BLOCK_P serves). Dtypes: one for every tensor, or (CUDA autocast) the GEMM's
     fp16/bf16 for the projections and boxes with fp32 LayerNorm parameters and output."""
     from lxmert_fast.kernels.sm90 import BATCH, BOXES, DROPOUT_P, HIDDEN
@@ -852,6 +944,14 @@ def sm90_variants() -> list[KernelVariant]:
                             {"num_warps": NUM_WARPS},
                         )
                     )
+        variants.append(
+            KernelVariant(
+                f"visual_embedding_bwd_reduce_{name}",
+                _visual_embedding_bwd_reduce_kernel,
+                _reduce_args(gemm, norm),
+                {"num_warps": REDUCE_WARPS},
+            )
+        )
     return variants
 
 
@@ -928,6 +1028,30 @@ def _bwd_args(gemm: torch.dtype, norm: torch.dtype, block_p: int, has_dropout: b
         "feat_ln_weight_ptr": norm,
         "box_ln_weight_ptr": norm,
         "stats_ptr": torch.float32,
+    }
+
+
+def _reduce_args(gemm: torch.dtype, norm: torch.dtype) -> dict:
+    """The reduction of the backward's partials: one program per SM wrote them (``per_sm=1``);
+    ``pos_dim`` is a launch-time int, so one variant serves both BLOCK_P."""
+    from lxmert_fast.kernels.sm90 import HIDDEN, POS_DIM
+
+    rows = _row_args(_bwd_block_m(BLOCK_PS[0]), BLOCK_PS[0], False, per_sm=1)
+    return {
+        "feat_bias_grad_ptr": gemm,
+        "feat_ln_weight_grad_ptr": norm,
+        "feat_ln_bias_grad_ptr": norm,
+        "box_weight_grad_ptr": gemm,
+        "box_bias_grad_ptr": gemm,
+        "box_ln_weight_grad_ptr": norm,
+        "box_ln_bias_grad_ptr": norm,
+        "ln_partials_ptr": torch.float32,
+        "box_weight_partials_ptr": torch.float32,
+        "n_partials": triton.cdiv(rows["n_rows"], rows["rows_per_program"]),
+        "hidden": HIDDEN,
+        "pos_dim": POS_DIM,
+        "BLOCK_P": REDUCE_ROWS,
+        "BLOCK_COLS": REDUCE_COLS,
     }
 
 

@@ -17,6 +17,7 @@ import re
 
 import pytest
 import torch
+import triton
 
 import lxmert_fast
 from lxmert_fast import backend, ops, reference
@@ -249,6 +250,59 @@ def test_backward_is_deterministic(kernel_device):
     for _ in range(20 if kernel_device.type == "cuda" else 1):
         again = run_fast(inputs, grad_out, 0.1)
         assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_parameter_grads_come_from_the_kernels_in_their_dtypes(dtype, monkeypatch, kernel_device):
+    """Every parameter gradient but dW_v leaves the reduction kernel in its parameter's dtype: no
+    torch reduction runs after the kernels (the GEMMs d features and dW_v are matmuls)."""
+    inputs = make_inputs(3, 13, feat_dim=32, hidden=96, device=kernel_device, pos_dim=3, dtype=dtype)
+    grad_out = torch.randn(3, 13, 96, device=kernel_device).to(dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = ve.visual_embedding(*leaves, EPS, 0.1, seed=4)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("torch reduction in the backward")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "sum", forbidden)
+        patch.setattr(torch, "sum", forbidden)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert [g.dtype for g in grads] == [dtype] * len(NAMES)
+    fast = [out.detach(), *grads]
+    if dtype == torch.float32:
+        assert_fp32_close(fast, run_reference(inputs, grad_out, 0.1, seed=4))
+    else:
+        ref32 = run_reference(inputs, grad_out, 0.1, seed=4, dtype=torch.float32)
+        ref_lowp = run_reference(inputs, grad_out, 0.1, seed=4)
+        assert_lowp_close(fast, ref_lowp, [t.to(dtype) for t in ref32], 1.6e-2)
+
+
+@pytest.mark.parametrize("n_partials", [0, 130])
+def test_reduce_kernel_over_many_partials(n_partials, kernel_device):
+    """The second stage alone, past one 64-row step of kernels/partial_sums.py (an H100 has 132
+    backward programs; the interpreter runs 4) and with none (zeros); W_b's columns land in its
+    [hidden, pos_dim] layout, dβ in both LayerNorm biases."""
+    hidden, pos_dim = 40, 3
+    partials = torch.randn(n_partials, 5 + pos_dim, hidden, device=kernel_device)
+    grads = [torch.full((hidden,), float("nan"), device=kernel_device) for _ in range(7)]
+    grads[3] = torch.full((hidden, pos_dim), float("nan"), device=kernel_device, dtype=torch.bfloat16)
+    grid = (triton.cdiv(hidden, ve.REDUCE_COLS), 5 + pos_dim)
+    ve._visual_embedding_bwd_reduce_kernel[grid](
+        *grads,
+        partials[:, :5].contiguous(),
+        partials[:, 5:].contiguous(),
+        n_partials,
+        hidden,
+        pos_dim,
+        BLOCK_P=ve.REDUCE_ROWS,
+        BLOCK_COLS=ve.REDUCE_COLS,
+    )
+    sums = partials.double().sum(0)
+    expected = [sums[2], sums[0], sums[1], sums[5:].t(), sums[4], sums[3], sums[1]]
+    for got, want in zip(grads, expected, strict=True):
+        rtol = 1e-5 if got.dtype == torch.float32 else 2**-7  # one bf16 ulp: the fp32 sum, converted
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=rtol)
 
 
 def test_dispatcher_runs_the_kernel_under_triton_backend(kernel_device):

@@ -8,7 +8,8 @@ One row per benchmark: its name, mean (wall) time in ms, the time ratio ours / b
 the same test has a baseline with the same other parameters (``impl`` fused|cpp|cpp_inplace|ours
 against eager|reference|torch_reference|sdpa|transformers; below 1 means ours is faster),
 and the throughput or memory numbers found in ``extra_info`` (``gb_per_s``, ``gpu_us``,
-any ``peak*`` key, and ``ratio`` from an interleaved measurement). When any result carries the
+any ``peak*`` key, ``ratio`` from an interleaved measurement, and ``fused_over_gemms``: a fused
+step's device time over that of the GEMMs it must run, its bound). When any result carries the
 device time of benchmarks/conftest.py's ``device_time`` fixture, three more columns: ``device
 ms``, the ratio ours / baseline in device time, and ``% clone`` (the op's bandwidth as a share of
 a ``clone()`` of the same bytes in the same run, with its GB/s). ``--markdown`` prints a
@@ -89,6 +90,10 @@ def extras(info: dict) -> str:
         parts.append(f"{info['gb_per_s']:.1f} GB/s")
     if info.get("gpu_us") is not None:
         parts.append(f"gpu {info['gpu_us']:.1f} us")
+    if info.get("fused_over_gemms") is not None:
+        parts.append(
+            f"fused {info['fused_device_ms']:.4f} ms = {info['fused_over_gemms']:.2f}x its GEMMs (device)"
+        )
     for key, value in info.items():
         if key.startswith("peak") and value is not None:
             parts.append(f"peak {value:.0f} MiB")

@@ -351,8 +351,8 @@ def open_run(output_dir: str, resume: bool, overwrite: bool, layout: Any = None)
 
     distributed = dist.is_available() and dist.is_initialized()
     rank = _rank()
-    shared = layout is None or layout.shared
-    preparer = rank == 0 if shared else layout.preparer
+    shared = layout is None or layout.output_shared
+    preparer = rank == 0 if shared else layout.publisher
     outcome = None
     run = None
     if preparer:

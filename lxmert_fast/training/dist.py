@@ -131,34 +131,47 @@ def shared_with_rank0(directory: str) -> bool:
 class Layout:
     """Where this rank's files live, decided once at start-up.
 
-    ``shared``: this rank's output (and data) directory is the one global rank 0 writes, so rank 0
-    alone prepares data and publishes checkpoints; otherwise this node's local rank 0 does it for
-    the node (node-local disks)."""
+    ``output_shared``: this rank's output directory is the one global rank 0 writes, so rank 0
+    alone publishes checkpoints; otherwise each node's local rank 0 publishes that node's copy.
+    ``data_shared``: likewise for the data directories: rank 0 alone prepares the data (synthetic
+    set, feature-store conversion), or each node's local rank 0 prepares its own copy."""
 
-    shared: bool
+    output_shared: bool
+    data_shared: bool
     rank: int
     local_rank: int
 
     @property
-    def preparer(self) -> bool:
-        """Does this rank prepare the data and publish checkpoints for the ranks that share its disk?"""
-        return self.rank == 0 if self.shared else self.local_rank == 0
+    def publisher(self) -> bool:
+        """Does this rank publish checkpoints for the ranks that share its output directory?"""
+        return self.rank == 0 if self.output_shared else self.local_rank == 0
+
+    @property
+    def data_preparer(self) -> bool:
+        """Does this rank prepare the data for the ranks that share its data directories?"""
+        return self.rank == 0 if self.data_shared else self.local_rank == 0
 
 
-def detect_layout(storage: str, directories: list[str]) -> Layout:
-    """The layout of ``directories`` (the output and data directories) for ``--storage``: auto,
-    shared or node-local. Collective. A mix (the output shared and the data not, or the other way)
-    is taken as node-local for both, which is always safe: each node prepares its own copy."""
+def _all_shared(directories: list[str]) -> bool:
+    """Whether every rank sees rank 0's ``directories`` (collective)."""
+    import torch.distributed as dist
+
+    mine = all([shared_with_rank0(d) for d in directories])  # every rank joins every collective
+    every = [mine]
+    if dist.is_available() and dist.is_initialized():
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    return all(every)
+
+
+def detect_layout(storage: str, output_dir: str, data_dirs: list[str]) -> Layout:
+    """The layout for ``--storage``: auto (detected: :func:`shared_with_rank0`), shared or
+    node-local (both the output and the data directories). Collective."""
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if storage == "auto":
-        mine = all(shared_with_rank0(d) for d in directories)
-        every = [mine]
-        if dist.is_available() and dist.is_initialized():
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, mine)
-        shared = all(every)
+        output_shared, data_shared = _all_shared([output_dir]), _all_shared(data_dirs)
     else:
-        shared = storage == "shared"
-    return Layout(shared=shared, rank=rank, local_rank=local_rank())
+        output_shared = data_shared = storage == "shared"
+    return Layout(output_shared=output_shared, data_shared=data_shared, rank=rank, local_rank=local_rank())

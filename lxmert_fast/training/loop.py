@@ -66,7 +66,7 @@ class Job:
         return []
 
     def prepare_data(self) -> None:
-        """Generate / convert data; runs on the ranks that own a disk (``self.layout.preparer``),
+        """Generate / convert data; runs on the ranks that own a data disk (``self.layout.data_preparer``),
         the others wait at a barrier."""
 
     def setup(self) -> None:
@@ -144,17 +144,17 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
         torch.cuda.set_device(args.local_rank)
     else:
         torch.set_num_threads(rdist.cpu_threads(args.cpu_threads, local_world))
-    layout = rdist.detect_layout(args.storage, [args.output_dir, *job.data_dirs()])
+    layout = rdist.detect_layout(args.storage, args.output_dir, job.data_dirs())
     # Before anything is written: lock OUTPUT, refuse another run's state, pick the checkpoint.
     run_dir = rundir.open_run(args.output_dir, resume=args.resume, overwrite=args.overwrite, layout=layout)
     config = flags.ds_config(args, cuda, world, default_config)
-    if not layout.shared:
+    if not layout.output_shared:
         # Every node writes its own model-state files, not only global rank 0's node.
         config.setdefault("checkpoint", {})["use_node_local_storage"] = True
     micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     job.cuda, job.rank, job.world, job.micro, job.layout = cuda, rank, world, micro, layout
 
-    if layout.preparer:
+    if layout.data_preparer:
         job.prepare_data()
     dist.barrier()
     job.setup()
@@ -261,7 +261,8 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
             f"x accum {accum}; {total_steps} steps ({per_epoch} per epoch); ZeRO {zero_stage}; {precision}; "
             f"{'resuming at step ' + str(step) if step else 'from scratch'}; "
             f"{'captured' if capture else 'eager'} step; "
-            f"{'shared' if layout.shared else 'node-local'} storage; {tb_note}",
+            f"{'shared' if layout.output_shared else 'node-local'} output, "
+            f"{'shared' if layout.data_shared else 'node-local'} data; {tb_note}",
             flush=True,
         )
     peak = bf16_peak_flops(engine.device)

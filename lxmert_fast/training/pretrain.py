@@ -424,9 +424,9 @@ class PretrainJob(Job):
         inputs = pt.model_inputs(batch, feats, obj_labels, use_vmask)
         if engine.zero_optimization_stage() == 3 and engine.training:
             inputs = zero3_inputs(inputs, ("visual_feats", "visual_pos"))
-        out = engine(**inputs)
         if not hasattr(self, "visual_logits"):
-            self.visual_logits = pt.VisualLogits(engine.module)
+            self.visual_logits = pt.VisualLogits(engine.module)  # hooks the heads: before the forward
+        out = engine(**inputs)
         return out, pt.accuracy_counts(out, batch, selected, self.visual_logits.pop()), inputs
 
     def train_step(self, engine: Any, batch: Any, micro_step: int, step: int, total_steps: int) -> StepResult:

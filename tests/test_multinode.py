@@ -1,0 +1,138 @@
+"""Two simulated nodes of one process each on this machine (issue #16), through DeepSpeed's launcher
+(``--hostfile --no_ssh --node_rank``) and through ``torchrun --nnodes 2``, with one shared output
+and data directory and with a directory per node (node-local disks: each node is given its own
+paths). Every layout must train exactly like one node of two processes: the same logged losses
+and byte-identical exports; a killed run resumes to the same export; a node that lost its
+checkpoints is refused, never mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lxmert_testing import train_env
+
+pytest.importorskip("deepspeed")
+
+REPO = Path(__file__).resolve().parent.parent
+ARGS = ["--deepspeed_config", str(REPO / "ds.json"), "--preset", "tiny", "--micro_batch", "4",
+        "--max_steps", "4", "--log_every", "1", "--eval_every", "4", "--eval_batches", "1",
+        "--save_every", "2", "--cpu_threads", "1", "--no_progress", "--no-tensorboard",
+        "--synthetic_images", "24", "--dist_timeout", "2"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    launcher: str, node_dirs: list[tuple[Path, Path]], *extra: str, tmp: Path
+) -> list[subprocess.CompletedProcess]:
+    """Start one launcher per node (``node_dirs[i]``: node i's data and output directories), wait for all."""
+    env = dict(train_env(), OMP_NUM_THREADS="1")
+    port = free_port()
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    procs = []
+    for node, (data, out) in enumerate(node_dirs):
+        paths = ["--data_dir", str(data), "--output_dir", str(out)]
+        if launcher == "deepspeed":
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                   "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
+        cmd += [str(REPO / "train.py"), *ARGS, *paths, *extra]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+def ok(results: list[subprocess.CompletedProcess]) -> None:
+    for node, r in enumerate(results):
+        if r.returncode != 0:
+            pytest.fail(f"node {node} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+
+
+def export_digest(out: Path) -> str:
+    return hashlib.sha256((out / "export" / "model.safetensors").read_bytes()).hexdigest()
+
+
+def losses(out: Path) -> list[dict]:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "tflops")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory) -> Path:
+    """The reference: one node of two processes (torchrun --standalone), uninterrupted."""
+    tmp = tmp_path_factory.mktemp("one_node")
+    env = dict(train_env(), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(REPO / "train.py"), *ARGS, "--data_dir", str(tmp / "data"), "--output_dir", str(tmp / "out")]  # fmt: skip
+    result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    ok([result])
+    return tmp / "out"
+
+
+def layout_dirs(tmp: Path, layout: str) -> list[tuple[Path, Path]]:
+    if layout == "shared":
+        return [(tmp / "data", tmp / "out")] * 2
+    return [(tmp / f"node{n}" / "data", tmp / f"node{n}" / "out") for n in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("launcher", "layout"), [("deepspeed", "shared"), ("torchrun", "node-local")], ids=lambda v: v
+)
+def test_two_nodes_train_like_one_node_and_resume_exactly(one_node, tmp_path, launcher, layout):
+    dirs = layout_dirs(tmp_path, layout)
+    killed = launch(launcher, dirs, "--kill_after_step", "2", tmp=tmp_path)
+    assert all(r.returncode != 0 for r in killed)
+    for _, out in dirs:
+        assert (out / "checkpoints" / "latest").read_text() == "step2"
+        assert sorted(
+            p.name for p in (out / "checkpoints" / "step2").iterdir() if p.name.startswith("mp_rank")
+        )
+    resumed = launch(launcher, dirs, "--resume", tmp=tmp_path)
+    ok(resumed)
+    expected = (
+        "node-local output, node-local data" if layout == "node-local" else "shared output, shared data"
+    )
+    assert expected in resumed[0].stdout
+    assert "resuming at step 2" in resumed[0].stdout
+    node0 = dirs[0][1]
+    assert export_digest(node0) == export_digest(one_node)
+    assert losses(node0) == losses(one_node)
+    if layout == "node-local":
+        # Each node prepared its own data, and holds every checkpoint file it needs to resume.
+        assert (dirs[1][0] / "feature_store").is_dir() and not (dirs[1][1] / "export").exists()
+        for _, out in dirs:
+            assert (out / "checkpoints" / "latest").read_text() == "step4"
+            assert [p.name for p in sorted((out / "checkpoints").glob("step*"))] == ["step2", "step4"]
+
+
+def test_node_local_resume_with_a_node_missing_its_checkpoints_is_refused(tmp_path):
+    dirs = layout_dirs(tmp_path, "node-local")
+    ok(launch("deepspeed", dirs, "--max_steps", "2", "--no_export", tmp=tmp_path))
+    (dirs[1][1] / "checkpoints" / "latest").unlink()
+    refused = launch("deepspeed", dirs, "--resume", "--max_steps", "4", tmp=tmp_path)
+    assert all(r.returncode != 0 for r in refused)
+    message = refused[0].stdout + refused[0].stderr
+    assert "--resume on node-local disks: the nodes of rank(s) 1 have no checkpoints/latest" in message
+    assert "rank 0: latest step2, complete checkpoints step2; rank 1: latest missing" in message
+    assert "step3" not in (dirs[0][1] / "log.jsonl").read_text()

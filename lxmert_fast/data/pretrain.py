@@ -7,8 +7,10 @@ captions come from mscoco and vg. Each sentence is one example.
 
 Randomness in :class:`PretrainDataset` (word masking, the mismatched sentence, the sampled
 answer) is a pure function of ``(seed, epoch, index)``, so a resumed run or a different
-number of loader workers sees exactly the same items. Object masking is not done here: it
-runs on the device (:func:`lxmert_fast.pretraining.mask_objects`).
+number of loader workers sees exactly the same items: counter-based Philox words keyed on
+``(seed, epoch, index, slot)`` (:mod:`lxmert_fast.data.randomness`), the scheme the batch loader
+(:mod:`lxmert_fast.data.batches`) draws for a whole batch at once, so both give the same items.
+Object masking is not done here: it runs on the device (:func:`lxmert_fast.pretraining.mask_objects`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from lxmert_fast.data import randomness
 from lxmert_fast.data.answers import AnswerTable
 from lxmert_fast.data.jsonfile import read_json
 from lxmert_fast.data.store import FeatureStore
@@ -94,8 +97,17 @@ def build_examples(
 
     ``sources`` keeps only those sentence sources; ``image_ids`` drops images without features.
     """
+    return list(iter_examples(data, answer_table, sources, image_ids))
+
+
+def iter_examples(
+    data: Iterable[dict],
+    answer_table: AnswerTable | None,
+    sources: Sequence[str] | None = None,
+    image_ids: Iterable[str] | None = None,
+) -> Iterator[Example]:
+    """:func:`build_examples` one at a time, in its order (the corpus store streams them)."""
     keep_images = None if image_ids is None else set(image_ids)
-    examples = []
     for i, datum in enumerate(data):
         img_id = datum["img_id"]
         if keep_images is not None and img_id not in keep_images:
@@ -113,26 +125,28 @@ def build_examples(
                 label = None
                 if labels is not None and answer_table is not None:
                     label = answer_table.convert_label(labels[k])
-                examples.append(Example(f"{img_id}_{source}_{k}", img_id, sent, source, label))
-    return examples
+                yield Example(f"{img_id}_{source}_{k}", img_id, sent, source, label)
 
 
 def mask_words(
-    ids: list[int], rng: np.random.Generator, tokenizer: WordPieceTokenizer, rate: float
+    ids: list[int], words: np.ndarray, tokenizer: WordPieceTokenizer, rate: float
 ) -> tuple[list[int], list[int]]:
     """BERT masking of the word pieces between [CLS] and [SEP]: each chosen with p=``rate``;
-    of those 80 % → [MASK], 10 % → a random vocabulary id, 10 % unchanged. Labels -1 elsewhere."""
+    of those 80 % → [MASK], 10 % → a random vocabulary id, 10 % unchanged. Labels -1 elsewhere.
+
+    ``words``: the Philox words of each position, uint64 [len(ids), 4]
+    (:func:`lxmert_fast.data.randomness.word_draws`): 0 selects, 1 acts, 2 is the random id."""
     ids = list(ids)
     labels = [-1] * len(ids)
     for pos in range(1, len(ids) - 1):
-        if rng.random() >= rate:
+        if randomness.uniform(words[pos, 0]) >= rate:
             continue
         labels[pos] = ids[pos]
-        action = rng.random()
+        action = randomness.uniform(words[pos, 1])
         if action < 0.8:
             ids[pos] = tokenizer.mask_id
         elif action < 0.9:
-            ids[pos] = int(rng.integers(len(tokenizer)))
+            ids[pos] = int(randomness.below(words[pos, 2], len(tokenizer)))
     return ids, labels
 
 
@@ -210,12 +224,17 @@ class PretrainDataset(Dataset):
         return out
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        key = (self.seed, self.epoch, np.array([index]))
+        own = randomness.sample_draws(*key)[0]
         example = self.examples[index]
         sent, matched = example.sent, 1
-        if self.mismatch_rate > 0 and len(self.examples) > 1 and rng.random() < self.mismatch_rate:
-            for _ in range(16):
-                other = self.examples[int(rng.integers(len(self.examples)))]
+        if (
+            self.mismatch_rate > 0
+            and len(self.examples) > 1
+            and randomness.uniform(own[0]) < self.mismatch_rate
+        ):
+            for word in randomness.other_draws(*key)[0]:
+                other = self.examples[int(randomness.below(word, len(self.examples)))]
                 if other.img_id != example.img_id:
                     sent, matched = other.sent, 0
                     break
@@ -224,13 +243,14 @@ class PretrainDataset(Dataset):
             labels = [i if i in self.mask_object_words else -1 for i in ids]
             ids = [self.tokenizer.mask_id if label >= 0 else i for i, label in zip(ids, labels, strict=True)]
         else:
-            ids, labels = mask_words(ids, rng, self.tokenizer, self.word_mask_rate)
+            words = randomness.word_draws(*key, len(ids))[0]
+            ids, labels = mask_words(ids, words, self.tokenizer, self.word_mask_rate)
         pad = self.max_seq_len - len(ids)
         qa = -1
         if matched and example.label:
             answers, scores = zip(*sorted(example.label.items()), strict=True)
-            probs = np.asarray(scores, np.float64)
-            qa = int(answers[rng.choice(len(answers), p=probs / probs.sum())]) if probs.sum() > 0 else -1
+            pick = randomness.pick_answer(np.asarray([scores], np.float32), own[1:2])[0]
+            qa = int(answers[pick]) if pick >= 0 else -1
         item = {
             "input_ids": torch.tensor(ids + [self.tokenizer.pad_id] * pad),
             "attention_mask": torch.tensor([1.0] * len(ids) + [0.0] * pad),

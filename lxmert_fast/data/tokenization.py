@@ -53,5 +53,10 @@ class WordPieceTokenizer:
         pieces = self._tok.encode(sentence, add_special_tokens=False).ids[: max_len - 2]
         return [self.cls_id, *pieces, self.sep_id]
 
+    def encode_batch(self, sentences: list[str], max_len: int) -> list[list[int]]:
+        """:meth:`encode` of each sentence, tokenised in one call (in parallel by the library)."""
+        encodings = self._tok.encode_batch(sentences, add_special_tokens=False)
+        return [[self.cls_id, *e.ids[: max_len - 2], self.sep_id] for e in encodings]
+
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [self.ids_to_tokens[i] for i in ids]

@@ -1,0 +1,454 @@
+"""The fine-tuning job: VQA v2, GQA and NLVR2 on the authors' files, or on each task's embedded
+synthetic set when no data is given (``finetune.py`` is its entry point).
+
+The model is the task's (:mod:`lxmert_fast.finetune`): VQA/GQA the authors' QA head over the
+task's answer table, NLVR2 the two-image head. It starts from ``--load`` (a pre-training export
+or the authors' ``_LXRT.pth``: the backbone; the authors' ``--loadLXMERT``), from ``--load_qa``
+(the backbone and the pre-training QA head's rows of the answers both tables share; the
+authors' ``--loadLXMERTQA``), from ``--load_finetuned`` (a whole fine-tuned model: our export or
+the authors' ``BEST.pth``), or from scratch (``--preset``) without any. Training is the shared
+loop (:mod:`lxmert_fast.training.loop`); the held-out evaluation scores predictions as the
+official evaluators do and writes them to ``OUTPUT/valid_predict.<json|csv>``. ``--test`` trains
+nothing: it scores ``--valid`` and writes the submission file for ``--test_file``
+(``OUTPUT/test_predict.json`` / ``.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import Any
+
+import torch
+
+from lxmert_fast.training import flags
+from lxmert_fast.training.flags import int_flag
+from lxmert_fast.training.loop import Job, StepResult, run, zero3_inputs
+
+TASK_NAMES = ("vqa", "gqa", "nlvr2")
+DEFAULTS = flags.JobDefaults(
+    output_name="finetune",
+    lr="5e-5 with --load/--load_qa/--load_finetuned (the authors'), 5e-4 from scratch",
+    epochs="4 (the authors' VQA/GQA; NLVR2 too); on a synthetic set on CPU, 300 steps (NLVR2 800)",
+    warmup_ratio=0.1,
+    eval_every=100,
+    save_every=100,
+)
+RESUME_FIXED = {
+    "task": "--task",
+    "init": "--load / --load_qa / --load_finetuned / --preset",
+    "max_seq_len": "--max_seq_len",
+    "num_boxes": "--num_boxes",
+    "train": "--train / --data_dir",
+    "features": "--features / --store_dir",
+}
+# From scratch on CPU the synthetic sets need this many steps to beat the text-only baselines
+# clearly (NLVR2 stays at chance for ~500 steps: both images must be read).
+SYNTHETIC_CPU_STEPS = {"vqa": 300, "gqa": 300, "nlvr2": 800}
+
+
+def parse_args(
+    argv: list[str] | None = None, root: str | None = None, doc: str | None = None
+) -> argparse.Namespace:
+    """finetune.py's flags; defaults under ``root`` (finetune.py's directory; default the working
+    directory): ROOT/runs/synthetic_data, ROOT/runs/finetune, ROOT/ds.json."""
+    root = root or os.getcwd()
+    p = argparse.ArgumentParser(
+        description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--task", choices=TASK_NAMES, required=True)
+    d = p.add_argument_group("data (default: the task's synthetic set in DATA_DIR/<task>)")
+    d.add_argument(
+        "--data_dir",
+        default=os.path.join(root, "runs", "synthetic_data"),
+        help="directory of the synthetic sets (shared with pre-training, so a model pre-trained there transfers)",
+    )
+    d.add_argument(
+        "--train", help="comma-separated training JSON files (authors' format, e.g. data/vqa/train.json)"
+    )
+    d.add_argument("--valid", help="comma-separated held-out JSON files (scored, e.g. data/vqa/minival.json)")
+    d.add_argument("--test_file", help="comma-separated test JSON files (predicted for the submission file)")
+    d.add_argument("--features", help="comma-separated feature TSV files and/or converted store directories")
+    d.add_argument(
+        "--store_dir",
+        help="where TSVs are converted to a memory-mapped store (default DATA_DIR/feature_store); a store "
+        "converted from other files is rebuilt there by default, refused when named here",
+    )
+    d.add_argument("--fp16_features", action="store_true", help="store converted features as float16")
+    d.add_argument(
+        "--vocab", help="WordPiece vocab.txt (default: the --load export's, else DATA_DIR/vocab.txt)"
+    )
+    d.add_argument(
+        "--ans2label",
+        help="VQA/GQA answer table (default trainval_ans2label.json beside the first --train file)",
+    )
+    d.add_argument(
+        "--label2ans",
+        help="VQA/GQA answer list (default trainval_label2ans.json beside the first --train file)",
+    )
+    d.add_argument(
+        "--max_seq_len", type=int_flag(3), default=None, help="default 20 (the authors'); 12 synthetic"
+    )
+    d.add_argument(
+        "--num_boxes", type=int_flag(1), default=None, help="default 36; the synthetic set's own count"
+    )
+    d.add_argument(
+        "--num_workers", type=int_flag(0), default=None, help="loader workers (default 0 on CPU, 4 on GPU)"
+    )
+    d.add_argument(
+        "--synthetic_images", type=int_flag(1), default=1000, help="training images when generating"
+    )
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--load", help="pre-trained model: an export directory or the authors' _LXRT.pth (backbone)"
+    )
+    m.add_argument(
+        "--load_qa",
+        help="like --load, and the pre-training QA head's rows for the answers both tables share (VQA/GQA)",
+    )
+    m.add_argument(
+        "--load_finetuned", help="a fine-tuned model of this task: an export directory or BEST.pth"
+    )
+    m.add_argument(
+        "--preset",
+        choices=("tiny", "small", "paper"),
+        default=None,
+        help="model size when training from scratch (no --load*; default paper on GPU, small on CPU)",
+    )
+    m.add_argument("--test", action="store_true", help="train nothing: score --valid, predict --test_file")
+    p = flags.add_training_args(p, DEFAULTS, root)
+    p.set_defaults(default_config=os.path.join(root, "ds.json"))
+    args = p.parse_args(argv)
+    validate_args(p, args)
+    return args
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    loads = [f for f in ("load", "load_qa", "load_finetuned") if getattr(args, f)]
+    if len(loads) > 1:
+        parser.error(
+            f"arguments {' and '.join('--' + f for f in loads)}: pass one (each names where the model starts)"
+        )
+    if args.load_qa and args.task == "nlvr2":
+        parser.error("argument --load_qa: NLVR2's head is true/false, not answers; use --load")
+    if args.preset and loads:
+        parser.error(f"argument --preset: the model's size comes from --{loads[0]}; pass one of them")
+    if args.test and not args.load_finetuned:
+        parser.error("argument --test: needs --load_finetuned (the fine-tuned model to evaluate)")
+    for flag in ("valid", "test_file"):
+        if getattr(args, flag) and not args.train and not args.test:
+            parser.error(f"argument --{flag}: given without --train (the synthetic set brings its own)")
+
+
+class FinetuneJob(Job):
+    """Fine-tuning one task (:data:`lxmert_fast.finetune.TASKS`) in the shared loop."""
+
+    resume_fixed = RESUME_FIXED
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        import lxmert_fast
+        from lxmert_fast.data import is_store
+        from lxmert_fast.finetune import TASKS
+
+        self.task = TASKS[args.task]
+        self.name = args.task
+        self.zero3_leaf_modules = tuple(lxmert_fast.layers.ZERO3_LEAF_MODULES)
+        self.use_synthetic = args.train is None
+        self.store_dir = args.store_dir or os.path.join(args.data_dir, "feature_store")
+        if self.use_synthetic:
+            self.tsvs = []
+        else:
+            if not args.features:
+                raise SystemExit("--features: required with --train (feature TSV files or store directories)")
+            self.tsvs = [f for f in args.features.split(",") if not is_store(f)]
+        self.init = args.load or args.load_qa or args.load_finetuned
+
+    def data_dirs(self) -> list[str]:
+        if self.use_synthetic:
+            return [self.args.data_dir]
+        return [os.path.dirname(os.path.abspath(self.store_dir))] if self.tsvs else []
+
+    def prepare_data(self) -> None:
+        from lxmert_fast.finetune import synthetic
+
+        args = self.args
+        if self.use_synthetic:
+            if not synthetic.is_current(args.task, args.data_dir):
+                print(f"generating the synthetic {args.task} set in {args.data_dir}", flush=True)
+                synthetic.generate(
+                    args.task,
+                    args.data_dir,
+                    num_train=args.synthetic_images,
+                    num_valid=max(20, args.synthetic_images // 10),
+                )
+        else:
+            from lxmert_fast.training.pretrain import ensure_store
+
+            ensure_store(self.tsvs, self.store_dir, args.fp16_features, explicit=args.store_dir is not None)
+
+    def _paths(self) -> dict[str, Any]:
+        from lxmert_fast.data import is_store
+        from lxmert_fast.finetune import synthetic
+
+        args = self.args
+        if self.use_synthetic:
+            paths = synthetic.files(args.task, args.data_dir)
+            return {**paths, "vocab": args.vocab or paths["vocab"]}
+        split = lambda flag: flag.split(",") if flag else None  # noqa: E731
+        stores = [f for f in args.features.split(",") if is_store(f)] + (
+            [self.store_dir] if self.tsvs else []
+        )
+        if len(stores) != 1:
+            raise SystemExit(
+                f"--features: expected TSVs and/or exactly one store directory, got stores {stores}"
+            )
+        train = split(args.train)
+        beside = os.path.dirname(os.path.abspath(train[0]))
+        qa = args.task != "nlvr2"
+        vocab = args.vocab
+        if vocab is None and self.init and os.path.isfile(os.path.join(self.init, "vocab.txt")):
+            vocab = os.path.join(self.init, "vocab.txt")
+        if vocab is None:
+            vocab = os.path.join(args.data_dir, "vocab.txt")
+        return {
+            "train": train,
+            "valid": split(args.valid),
+            "test": split(args.test_file),
+            "ans2label": (args.ans2label or os.path.join(beside, "trainval_ans2label.json")) if qa else None,
+            "label2ans": (args.label2ans or os.path.join(beside, "trainval_label2ans.json")) if qa else None,
+            "store": stores[0],
+            "vocab": vocab,
+            "num_boxes": 36,
+            "max_seq_len": 20,
+        }
+
+    def setup(self) -> None:
+        from lxmert_fast.data import FeatureStore, WordPieceTokenizer
+
+        args = self.args
+        paths = self._paths()
+        if args.num_boxes is None:
+            args.num_boxes = paths["num_boxes"]
+        if args.max_seq_len is None:
+            args.max_seq_len = paths["max_seq_len"]
+        self.paths = paths
+        self.store = FeatureStore(paths["store"])
+        self.tokenizer = WordPieceTokenizer(paths["vocab"])
+        self.data = self.task.build_data(
+            self.store,
+            self.tokenizer,
+            train=None if args.test else paths["train"],
+            valid=paths["valid"],
+            test=paths["test"],
+            ans2label=paths["ans2label"],
+            label2ans=paths["label2ans"],
+            max_seq_len=args.max_seq_len,
+            num_boxes=args.num_boxes,
+        )
+        self.preset = args.preset or ("paper" if self.cuda else "small")
+        self.config = self._config()
+
+    def _config(self):
+        from lxmert_fast import pretraining as pt
+        from lxmert_fast.checkpoint import infer_config, read_state_dict, to_hf_names
+        from lxmert_fast.config import LxmertConfig
+
+        if self.init is None:
+            tasks = dict.fromkeys(("mlm", "matched", "obj", "qa"), False)
+            return pt.build_config(
+                self.preset, len(self.tokenizer), self.store.feature_dim, self.data.num_labels, tasks
+            )
+        config_file = os.path.join(self.init, "config.json") if os.path.isdir(self.init) else None
+        if config_file and os.path.isfile(config_file):
+            config = LxmertConfig.from_json_file(config_file)
+        else:
+            config = infer_config(to_hf_names(read_state_dict(self.init)))
+        flag = next(f for f in ("load", "load_qa", "load_finetuned") if getattr(self.args, f))
+        if config.visual_feat_dim != self.store.feature_dim:
+            raise SystemExit(
+                f"--{flag} {self.init}: the model takes {config.visual_feat_dim}-d RoI features, the feature "
+                f"store {self.paths['store']} holds {self.store.feature_dim}-d ones"
+            )
+        if config.vocab_size < len(self.tokenizer):
+            raise SystemExit(
+                f"--{flag} {self.init}: the model's vocabulary has {config.vocab_size} word pieces, "
+                f"{self.paths['vocab']} has {len(self.tokenizer)}; pass the vocab the model was trained with (--vocab)"
+            )
+        return config
+
+    @property
+    def train_size(self) -> int:
+        return len(self.data.train)
+
+    def default_lr(self) -> float:
+        return 5e-5 if self.init else 5e-4
+
+    def default_steps(self) -> tuple[float, int | None]:
+        if not self.cuda and self.use_synthetic:
+            return 4.0, SYNTHETIC_CPU_STEPS[self.args.task]
+        return 4.0, None
+
+    def recorded_args(self) -> dict[str, Any]:
+        args = self.args
+        return {
+            "task": args.task,
+            "init": os.path.abspath(self.init) if self.init else f"scratch:{self.preset}",
+            "max_seq_len": args.max_seq_len,
+            "num_boxes": args.num_boxes,
+            "train": [os.path.abspath(f) for f in self.paths["train"]],
+            "features": os.path.abspath(self.paths["store"]),
+        }
+
+    def build_model(self) -> torch.nn.Module:
+        from lxmert_fast.checkpoint import load_state_dict_strict, read_state_dict
+        from lxmert_fast.finetune import load_pretrained_qa
+
+        args = self.args
+        model = self.task.build_model(self.config, self.data.num_labels, self.data.label2ans)
+        if args.load:
+            load_state_dict_strict(model, read_state_dict(args.load), backbone_only=True)
+        elif args.load_qa:
+            print(load_pretrained_qa(model, args.load_qa, self.data.label2ans), flush=True)
+        elif args.load_finetuned:
+            load_state_dict_strict(model, read_state_dict(args.load_finetuned))
+        model.lxmert.check_inputs = False  # checked on the host per batch (check_batch)
+        return model
+
+    def describe(self) -> str:
+        sizes = ", ".join(
+            f"{len(getattr(self.data, s))} {s}" for s in ("train", "valid", "test") if getattr(self.data, s)
+        )
+        start = f"from {self.init}" if self.init else f"from scratch (preset {self.preset})"
+        return f"{self.args.task} {start}: {sizes} examples; {self.data.num_labels} labels; "
+
+    def train_loader(self, sampler: Any, workers: int, pin_memory: bool):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.data.train, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
+
+    def check_batch(self, model: torch.nn.Module, batch: dict) -> None:
+        """The model's value checks on the CPU batch (its own are off: no device sync per step)."""
+        dims = batch["visual_pos"].shape[-2:]
+        model.lxmert.check_input_values(
+            batch["input_ids"], batch["token_type_ids"], batch["visual_pos"].reshape(-1, *dims)
+        )
+
+    def forward(self, engine: Any, batch: dict) -> tuple[Any, dict]:
+        self.check_batch(engine.module, batch)
+        use_vmask = not bool((batch["visual_mask"] > 0).all())
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+        inputs = self.task.model_inputs(batch, use_vmask)
+        if engine.zero_optimization_stage() == 3 and engine.training:
+            inputs = zero3_inputs(inputs, ("visual_feats", "visual_pos"))
+        return engine(**inputs), batch
+
+    def train_step(self, engine: Any, batch: Any, micro_step: int, step: int, total_steps: int) -> StepResult:
+        out, batch = self.forward(engine, batch)
+        loss = self.task.loss(out, batch)
+        return StepResult(loss, {}, self.task.accuracy_counts(out, batch), {})
+
+    def predict(self, engine: Any, dataset: Any, workers: int) -> list:
+        """Every rank's predictions of ``dataset``, gathered on every rank."""
+        import torch.distributed as dist
+        from torch.utils.data import DataLoader
+
+        from lxmert_fast.finetune.datasets import eval_batches
+
+        sampler = eval_batches(len(dataset), self.micro, self.rank, self.world)
+        mine = []
+        for batch in DataLoader(dataset, batch_sampler=sampler, num_workers=workers):
+            out, on_device = self.forward(engine, batch)
+            mine.extend(self.task.predictions(out, on_device, dataset))
+        every = [mine]
+        if self.world > 1:
+            every = [None] * self.world
+            dist.all_gather_object(every, mine)
+        return list(dict(p for part in every for p in part).items())
+
+    def evaluate(self, engine: Any, workers: int) -> dict[str, Any]:
+        if self.data.valid is None:
+            return {}
+        predictions = self.predict(engine, self.data.valid, workers)
+        scores = self.task.evaluate(predictions, self.data.valid.examples)
+        if self.rank == 0:
+            self.task.write_submission(
+                predictions,
+                os.path.join(self.args.output_dir, f"valid_predict.{self.task.submission_suffix}"),
+            )
+        return {k: round(v, 5) if isinstance(v, float) else v for k, v in scores.items()}
+
+    def export(self, state: dict[str, torch.Tensor], directory: str) -> None:
+        fresh = self.task.build_model(self.config, self.data.num_labels, self.data.label2ans)
+        fresh.load_state_dict(state)
+        fresh.save_pretrained(directory)
+        shutil.copy(self.paths["vocab"], os.path.join(directory, "vocab.txt"))
+
+
+def evaluate_only(job: FinetuneJob, args: argparse.Namespace) -> None:
+    """``--test``: score --valid and predict --test_file with the --load_finetuned model; nothing is
+    trained or checkpointed. Writes OUTPUT/{valid,test}_predict.<json|csv> and OUTPUT/scores.json."""
+    import torch.distributed as dist
+
+    from lxmert_fast import atomic
+    from lxmert_fast.training import dist as rdist
+
+    rdist.single_process_env()
+    cuda = torch.cuda.is_available()
+    rank, world = rdist.init_process_group(cuda, args.dist_timeout, args.shm_comm)
+    if cuda:
+        torch.cuda.set_device(args.local_rank)
+    else:
+        torch.set_num_threads(rdist.cpu_threads(args.cpu_threads, rdist.local_world_size()))
+    layout = rdist.detect_layout(args.storage, args.output_dir, job.data_dirs())
+    job.cuda, job.rank, job.world, job.layout = cuda, rank, world, layout
+    job.micro = (
+        args.micro_batch
+        or flags.ds_config(args, cuda, world, args.default_config)["train_micro_batch_size_per_gpu"]
+    )
+    if layout.data_preparer:
+        job.prepare_data()
+    dist.barrier()
+    job.setup()
+    model = job.build_model().to("cuda" if cuda else "cpu").eval()
+
+    class Engine:  # what FinetuneJob.forward needs of a DeepSpeed engine
+        module, device, training = model, next(model.parameters()).device, False
+
+        def __call__(self, **inputs):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                return model(**inputs)
+
+        def zero_optimization_stage(self) -> int:
+            return 0
+
+    workers = args.num_workers if args.num_workers is not None else (4 if cuda else 0)
+    scores = {}
+    with torch.no_grad():
+        if job.data.valid is not None:
+            scores = job.evaluate(Engine(), workers)
+        if job.data.test is not None:
+            predictions = job.predict(Engine(), job.data.test, workers)
+            if rank == 0:
+                path = os.path.join(args.output_dir, f"test_predict.{job.task.submission_suffix}")
+                job.task.write_submission(predictions, path)
+                print(f"{len(predictions)} test predictions in {path}", flush=True)
+    if rank == 0:
+        atomic.atomic_write_text(os.path.join(args.output_dir, "scores.json"), json.dumps(scores, indent=1))
+        print(f"{args.task} --test: {json.dumps(scores)}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None, root: str | None = None, doc: str | None = None) -> None:
+    args = parse_args(argv, root, doc)
+    job = FinetuneJob(args)
+    if args.test:
+        os.makedirs(args.output_dir, exist_ok=True)
+        evaluate_only(job, args)
+    run(job, args, args.default_config)

@@ -15,13 +15,15 @@ Cases (numbers in ``extra_info``; the summary lines print with ``-s``):
 
 * ``batch_in_process``: ``dataset[indices]`` for one batch in this process: the work of one worker
   process per batch, on one core; ``samples_per_s``.
-* ``per_sample_in_process``: the same for the per-sample path (``PretrainDataset`` items, Python
-  examples, ``default_collate``) on ``LXMERT_BENCH_OLD_SENTENCES`` (default 200,000) sentences of the
-  same shapes, and the Python memory of its examples per sentence, scaled to the paper's count.
 * ``first_batch``: from opening the stores to the first batch out of a 1-worker loader.
 * ``workers[N]``: ``LXMERT_BENCH_BATCHES`` (default 1,000) batches through a loader of N = 1, 2, 4
   workers: samples/s, and the resident memory of the parent and of each worker after 10 batches
   and at the end (RSS, and PSS/USS: RSS counts the pages a forked worker shares with its parent).
+* ``per_sample_in_process`` (last, so that its Python examples do not sit in the heap the workers
+  of the cases above inherit): ``batch_in_process`` for the per-sample path (``PretrainDataset``
+  items, Python examples, ``default_collate``) on ``LXMERT_BENCH_OLD_SENTENCES`` (default 200,000)
+  sentences of the same shapes, and the Python memory of its examples per sentence, scaled to the
+  paper's count.
 """
 
 from __future__ import annotations
@@ -188,6 +190,53 @@ def test_batch_in_process(benchmark, stores):
     print(f"\nbatch path, one process: {rate:,.0f} samples/s ({SENTENCES:,} sentences)")
 
 
+def test_first_batch(benchmark, stores):
+    def first() -> float:
+        start = time.perf_counter()
+        dataset = _dataset(stores)
+        sampler = EpochBatchSampler(len(dataset), BATCH, seed=0)
+        sampler.set_epoch(3, skip=min(1000, len(sampler) - 1))
+        loader = iter(batch_loader(dataset, sampler, num_workers=1))
+        next(loader)
+        seconds = time.perf_counter() - start
+        del loader
+        return seconds
+
+    seconds = benchmark.pedantic(first, rounds=1, iterations=1)
+    benchmark.extra_info.update({"first_batch_s": round(seconds, 2), "sentences": SENTENCES})
+    print(f"\nfirst batch: {seconds:.2f} s from opening the stores ({SENTENCES:,} sentences, 1 worker)")
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_workers(benchmark, stores, workers):
+    def run() -> dict:
+        dataset = _dataset(stores)
+        sampler = EpochBatchSampler(len(dataset), BATCH, seed=0)
+        loader = iter(batch_loader(dataset, sampler, num_workers=workers))
+        early, start = None, None
+        for i in range(BATCHES):
+            batch = next(loader)
+            if i == 9:
+                children = psutil.Process().children()
+                early = {"parent": _memory(os.getpid()), "workers": [_memory(c.pid) for c in children]}
+                start = time.perf_counter()
+        rate = (BATCHES - 10) * BATCH / (time.perf_counter() - start)
+        assert batch["input_ids"].shape == (BATCH, SEQ)
+        children = psutil.Process().children()
+        late = {"parent": _memory(os.getpid()), "workers": [_memory(c.pid) for c in children]}
+        del loader
+        return {"samples_per_s": round(rate), "after_10": early, f"after_{BATCHES}": late}
+
+    result = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update({**result, "workers": workers, "batches": BATCHES})
+    late = result[f"after_{BATCHES}"]
+    print(
+        f"\n{workers} worker(s): {result['samples_per_s']:,} samples/s over {BATCHES} batches; parent "
+        f"{late['parent']}; workers after 10 batches {result['after_10']['workers']}, after {BATCHES} "
+        f"{late['workers']} (MB)"
+    )
+
+
 def test_per_sample_in_process(benchmark, stores):
     """The per-sample path at the same shapes on a smaller corpus (its Python examples would not fit
     at the paper's count on a small machine): samples/s and bytes of Python objects per sentence."""
@@ -235,51 +284,4 @@ def test_per_sample_in_process(benchmark, stores):
     print(
         f"\nper-sample path, one process: {rate:,.0f} samples/s; its examples hold {per_sentence:.0f} B per "
         f"sentence, {paper_gb:.1f} GB at 9.18M"
-    )
-
-
-def test_first_batch(benchmark, stores):
-    def first() -> float:
-        start = time.perf_counter()
-        dataset = _dataset(stores)
-        sampler = EpochBatchSampler(len(dataset), BATCH, seed=0)
-        sampler.set_epoch(3, skip=min(1000, len(sampler) - 1))
-        loader = iter(batch_loader(dataset, sampler, num_workers=1))
-        next(loader)
-        seconds = time.perf_counter() - start
-        del loader
-        return seconds
-
-    seconds = benchmark.pedantic(first, rounds=1, iterations=1)
-    benchmark.extra_info.update({"first_batch_s": round(seconds, 2), "sentences": SENTENCES})
-    print(f"\nfirst batch: {seconds:.2f} s from opening the stores ({SENTENCES:,} sentences, 1 worker)")
-
-
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_workers(benchmark, stores, workers):
-    def run() -> dict:
-        dataset = _dataset(stores)
-        sampler = EpochBatchSampler(len(dataset), BATCH, seed=0)
-        loader = iter(batch_loader(dataset, sampler, num_workers=workers))
-        early, start = None, None
-        for i in range(BATCHES):
-            batch = next(loader)
-            if i == 9:
-                children = psutil.Process().children()
-                early = {"parent": _memory(os.getpid()), "workers": [_memory(c.pid) for c in children]}
-                start = time.perf_counter()
-        rate = (BATCHES - 10) * BATCH / (time.perf_counter() - start)
-        assert batch["input_ids"].shape == (BATCH, SEQ)
-        children = psutil.Process().children()
-        late = {"parent": _memory(os.getpid()), "workers": [_memory(c.pid) for c in children]}
-        del loader
-        return {"samples_per_s": round(rate), "after_10": early, f"after_{BATCHES}": late}
-
-    result = benchmark.pedantic(run, rounds=1, iterations=1)
-    benchmark.extra_info.update({**result, "workers": workers, "batches": BATCHES})
-    late = result[f"after_{BATCHES}"]
-    print(
-        f"\n{workers} worker(s): {result['samples_per_s']:,} samples/s over {BATCHES} batches; parent "
-        f"{late['parent']}; workers after 10 batches {result['after_10']['workers']}, after {BATCHES} "
-        f"{late['workers']} (MB)"
     )

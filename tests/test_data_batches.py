@@ -41,8 +41,8 @@ from lxmert_fast.data import (
     randomness,
     write_feature_tsv,
 )
+from lxmert_fast.data.convert_corpus import main as corpus_main
 from lxmert_fast.data.corpus import corpus_mismatch
-from lxmert_fast.data.corpus import main as corpus_main
 from lxmert_fast.data.synthetic import NUM_BOXES, OBJECTS, write_vocab
 
 QA = ["vqa", "gqa", "visual7w"]

@@ -5,7 +5,7 @@
 * :mod:`~lxmert_fast.data.answers` — the QA answer table and answer normalisation;
 * :mod:`~lxmert_fast.data.tokenization` — WordPiece from a ``vocab.txt``;
 * :mod:`~lxmert_fast.data.pretrain` — pre-training JSON, the Dataset, a resumable sampler;
-* :mod:`~lxmert_fast.data.corpus` — pre-tokenised corpus store (``python -m lxmert_fast.data.corpus``);
+* :mod:`~lxmert_fast.data.corpus` — pre-tokenised corpus store (``python -m lxmert_fast.data.convert_corpus``);
 * :mod:`~lxmert_fast.data.batches` — whole batches gathered from the stores, a device prefetcher;
 * :mod:`~lxmert_fast.data.synthetic` — a small learnable dataset in the same formats.
 """

@@ -25,7 +25,7 @@ import torch
 
 import lxmert_fast
 from lxmert_fast import pretraining as pt
-from lxmert_fast.metrics import bf16_peak_flops, training_flops
+from lxmert_fast.metrics import training_flops
 from lxmert_fast.pretraining import PRESETS
 
 transformers = pytest.importorskip("transformers")
@@ -140,37 +140,10 @@ def build_step(config: dict, size: str, impl: str, mode: str, device: str) -> tu
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("impl", ["ours", "transformers"])
 @pytest.mark.parametrize(("size", "device"), CASES)
-def test_pretrain_step(benchmark, cpu_threads, impl, mode, size, device):
+def test_pretrain_step(step_timer, impl, mode, size, device):
     if mode == "compiled" and size == "small" and device == "cpu":
         pytest.skip("compiled CPU steps are timed on the tiny config (inductor compiles small for minutes)")
     config = CONFIGS[size]
     step, batch = build_step(config, size, impl, mode, device)
 
-    for _ in range(3 if mode == "compiled" else 1):  # compile and record the CUDA graphs
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            step()
-        end.record()
-        end.synchronize()
-        device_s = start.elapsed_time(end) / 1e3 / 20
-        flops = dense_step_flops(size, config, batch)
-        peak = bf16_peak_flops(torch.device(device))
-        benchmark.extra_info["device_ms"] = round(device_s * 1e3, 3)
-        benchmark.extra_info["tflops"] = round(flops / device_s / 1e12, 1)
-        if peak:
-            benchmark.extra_info["peak_pct"] = round(100 * flops / device_s / peak, 2)
-        benchmark.extra_info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-
-    def timed_step() -> None:
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed_step, rounds=5 if device == "cpu" else 20, warmup_rounds=1)
-    benchmark.extra_info["samples_per_s"] = config["batch"] / benchmark.stats.stats.mean
-    benchmark.extra_info["cpu_threads"] = cpu_threads
+    step_timer(step, device, config["batch"], lambda: dense_step_flops(size, config, batch), mode)

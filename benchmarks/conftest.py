@@ -157,3 +157,56 @@ def device_time(benchmark) -> Callable[..., float]:
         return ms
 
     return measure
+
+
+@pytest.fixture
+def step_timer(benchmark, cpu_threads) -> Callable[..., None]:
+    """``time(step, device, batch_size, flops, mode)``: :func:`time_training_step` for this test."""
+    return lambda step, device, batch_size, flops, mode: time_training_step(
+        benchmark, step, device, batch_size, flops, mode, cpu_threads
+    )
+
+
+def time_training_step(
+    benchmark,
+    step: Callable[[], None],
+    device: str,
+    batch_size: int,
+    flops: Callable[[], int],
+    mode: str,
+    cpu_threads: int,
+) -> None:
+    """Time a whole training ``step`` (forward, loss, backward, optimizer): warm-up (compile and
+    graph capture when ``mode`` is compiled), then on CUDA ``device_ms`` over 20 steps between
+    CUDA events, ``tflops``/``peak_pct`` from ``flops()`` (the dense step's FLOPs) and
+    ``peak_mem_mb``; wall time by pytest-benchmark; ``samples_per_s`` from its mean."""
+    from lxmert_fast.metrics import bf16_peak_flops
+
+    for _ in range(3 if mode == "compiled" else 1):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            step()
+        end.record()
+        end.synchronize()
+        device_s = start.elapsed_time(end) / 1e3 / 20
+        work = flops()
+        peak = bf16_peak_flops(torch.device(device))
+        benchmark.extra_info["device_ms"] = round(device_s * 1e3, 3)
+        benchmark.extra_info["tflops"] = round(work / device_s / 1e12, 1)
+        if peak:
+            benchmark.extra_info["peak_pct"] = round(100 * work / device_s / peak, 2)
+        benchmark.extra_info["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+
+    def timed_step() -> None:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(timed_step, rounds=5 if device == "cpu" else 20, warmup_rounds=1)
+    benchmark.extra_info["samples_per_s"] = batch_size / benchmark.stats.stats.mean
+    benchmark.extra_info["cpu_threads"] = cpu_threads

@@ -358,14 +358,14 @@ def test_nonfinite_loss_stops_naming_the_step_and_term(data_dir, tmp_path):
 
     data = tmp_path / "data"
     shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("feature_store"))
-    convert_tsv_to_store([data / feature_file(s) for s in SPLITS], data / "feature_store")
+    convert_tsv_to_store([data / feature_file(s) for s in SPLITS], data / "feature_store", fp16=True)
     store = FeatureStore(data / "feature_store")
     table = AnswerTable.load(data / "all_ans.json")
     examples = build_examples(load_pretrain_json(data / "train.json"), table, image_ids=store.keys())
     batches = [[examples[i].img_id for i in b] for b in EpochBatchSampler(len(examples), 4, seed=0)]
     bad = next(img for img in batches[2] if img not in batches[0] + batches[1])  # first seen at step 3
     start, n, _, _ = store.images[bad]
-    features = np.memmap(data / "feature_store" / "features.bin", dtype=np.float32, mode="r+")
+    features = np.memmap(data / "feature_store" / "features.bin", dtype=np.float16, mode="r+")
     features.reshape(-1, store.feature_dim)[start : start + n] = np.nan
     features.flush()
     del features

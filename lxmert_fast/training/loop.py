@@ -48,8 +48,8 @@ class StepResult:
 
 class Job:
     """What a training job supplies to :func:`run`. Attributes set by the loop before
-    :meth:`setup`: ``args``, ``cuda``, ``rank``, ``world``, ``micro`` (micro batch per rank),
-    ``layout`` (:class:`lxmert_fast.training.dist.Layout`)."""
+    :meth:`setup`: ``args``, ``cuda``, ``device``, ``rank``, ``world``, ``micro`` (micro batch per
+    rank), ``layout`` (:class:`lxmert_fast.training.dist.Layout`)."""
 
     name: str = "train"
     # Flags (run.args keys -> flag names) that cannot / can change on --resume, beyond the loop's.
@@ -153,6 +153,7 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
         config.setdefault("checkpoint", {})["use_node_local_storage"] = True
     micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     job.cuda, job.rank, job.world, job.micro, job.layout = cuda, rank, world, micro, layout
+    job.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
     if layout.data_preparer:
         job.prepare_data()

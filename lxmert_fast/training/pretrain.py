@@ -74,7 +74,18 @@ def parse_args(
         help="where TSVs are converted to a memory-mapped store (default DATA_DIR/feature_store); a store "
         "converted from other files is rebuilt there by default, refused when named here",
     )
-    d.add_argument("--fp16_features", action="store_true", help="store converted features as float16")
+    d.add_argument(
+        "--fp16_features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store converted features as float16 (default: half the bytes to read, pin and copy; "
+        "cast to float32 on the device); --no-fp16_features keeps float32",
+    )
+    d.add_argument(
+        "--corpus_dir",
+        help="where the pre-tokenised corpus stores corpus_train/ and corpus_valid/ are built (default "
+        "DATA_DIR); stale stores are rebuilt there by default, refused when named here",
+    )
     d.add_argument("--vocab", help="WordPiece vocab.txt (default DATA_DIR/vocab.txt)")
     d.add_argument(
         "--answer_table", help="answer table JSON, list of {ans, dsets} (default DATA_DIR/all_ans.json)"
@@ -225,13 +236,12 @@ class PretrainJob(Job):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         import lxmert_fast
+        from lxmert_fast.data import is_store, synthetic
 
         self.zero3_leaf_modules = tuple(lxmert_fast.layers.ZERO3_LEAF_MODULES)
         self.use_synthetic = args.train is None
         self.store_dir = args.store_dir or os.path.join(args.data_dir, "feature_store")
         if self.use_synthetic:
-            from lxmert_fast.data import synthetic
-
             self.train_json = [os.path.join(args.data_dir, "train.json")]
             self.valid_json = [os.path.join(args.data_dir, "valid.json")]
             self.features = [os.path.join(args.data_dir, synthetic.feature_file(s)) for s in synthetic.SPLITS]
@@ -241,20 +251,36 @@ class PretrainJob(Job):
             self.train_json = args.train.split(",")
             self.valid_json = args.valid.split(",") if args.valid else []
             self.features = args.features.split(",")
-        from lxmert_fast.data import is_store
-
         self.tsvs = [f for f in self.features if not is_store(f)]
+        stores = [f for f in self.features if is_store(f)] + ([self.store_dir] if self.tsvs else [])
+        if len(stores) != 1:
+            raise SystemExit(
+                f"--features: expected TSVs and/or exactly one store directory, got stores {stores}"
+            )
+        self.store_path = stores[0]
+        self.corpus_dir = args.corpus_dir or args.data_dir
+        self.vocab = args.vocab or os.path.join(args.data_dir, "vocab.txt")
+        self.answers_path = args.answer_table or os.path.join(args.data_dir, "all_ans.json")
+        if args.num_boxes is None:
+            args.num_boxes = synthetic.NUM_BOXES if self.use_synthetic else 36
+        if args.max_seq_len is None:
+            args.max_seq_len = synthetic.MAX_SEQ_LEN if self.use_synthetic else 20
 
     def data_dirs(self) -> list[str]:
-        # What prepare_data writes: the synthetic set, the converted store.
+        # What prepare_data writes: the synthetic set, the converted store, the corpus stores.
         dirs = [self.args.data_dir] if self.use_synthetic else []
         if self.tsvs:
             dirs.append(os.path.dirname(os.path.abspath(self.store_dir)))
-        return dirs
+        return [*dirs, self.corpus_dir]
+
+    def corpus_path(self, split: str) -> str:
+        return os.path.join(self.corpus_dir, f"corpus_{split}")
 
     def prepare_data(self) -> None:
-        """Generate the synthetic set if missing or older, convert feature TSVs to the store."""
-        from lxmert_fast.data import is_store, synthetic
+        """Generate the synthetic set if missing or older, convert feature TSVs to the store, and
+        build the pre-tokenised corpus stores of the training and held-out JSON (each once)."""
+        from lxmert_fast.data import ensure_corpus, is_store, synthetic
+        from lxmert_fast.data.corpus import CorpusMismatchError
 
         args = self.args
         if self.use_synthetic and not synthetic.is_current(args.data_dir):
@@ -277,65 +303,50 @@ class PretrainJob(Job):
             )
         if self.tsvs:
             ensure_store(self.tsvs, self.store_dir, args.fp16_features, explicit=args.store_dir is not None)
+        for split, paths in (("train", self.train_json), ("valid", self.valid_json)):
+            if not paths:
+                continue
+            try:
+                ensure_corpus(
+                    self.corpus_path(split),
+                    paths,
+                    self.vocab,
+                    self.answers_path,
+                    self.store_path,
+                    max_seq_len=args.max_seq_len,
+                    answer_dsets=args.answer_dsets.split(","),
+                    explicit=args.corpus_dir is not None,
+                    progress=not args.no_progress,
+                )
+            except CorpusMismatchError as exc:
+                raise SystemExit(f"--corpus_dir {self.corpus_dir}: {exc}") from None
 
     def setup(self) -> None:
         from lxmert_fast import pretraining as pt
-        from lxmert_fast.data import (
-            AnswerTable,
-            FeatureStore,
-            PretrainDataset,
-            WordPieceTokenizer,
-            build_examples,
-            is_store,
-            load_pretrain_json,
-            synthetic,
-        )
+        from lxmert_fast.data import AnswerTable, Corpus, FeatureStore, PretrainBatches, WordPieceTokenizer
 
         args = self.args
-        stores = [f for f in self.features if is_store(f)] + ([self.store_dir] if self.tsvs else [])
-        if len(stores) != 1:
-            raise SystemExit(
-                f"--features: expected TSVs and/or exactly one store directory, got stores {stores}"
-            )
-        self.store_path = stores[0]
-        self.vocab = args.vocab or os.path.join(args.data_dir, "vocab.txt")
-        self.answers_path = args.answer_table or os.path.join(args.data_dir, "all_ans.json")
         object_words = args.object_words or os.path.join(args.data_dir, "object_words.txt")
-        if args.num_boxes is None:
-            args.num_boxes = synthetic.NUM_BOXES if self.use_synthetic else 36
-        if args.max_seq_len is None:
-            args.max_seq_len = synthetic.MAX_SEQ_LEN if self.use_synthetic else 20
         store = FeatureStore(self.store_path)
         tokenizer = WordPieceTokenizer(self.vocab)
         self.answers = AnswerTable.load(self.answers_path, dsets=args.answer_dsets.split(","))
-        self.train_ex = build_examples(
-            load_pretrain_json(self.train_json), self.answers, image_ids=store.keys()
-        )
-        self.valid_ex = (
-            build_examples(load_pretrain_json(self.valid_json), self.answers, image_ids=store.keys())
-            if self.valid_json
-            else []
-        )
+        train_corpus = Corpus(self.corpus_path("train"))
+        valid_corpus = Corpus(self.corpus_path("valid")) if self.valid_json else None
         probe = None
         if os.path.isfile(object_words):
             with open(object_words) as f:
                 probe = {tokenizer.vocab[w] for w in (line.strip() for line in f) if w in tokenizer.vocab}
-        dataset = functools.partial(
-            PretrainDataset,
-            store=store,
-            tokenizer=tokenizer,
-            max_seq_len=args.max_seq_len,
-            num_boxes=args.num_boxes,
-        )
+        dataset = functools.partial(PretrainBatches, store=store, num_boxes=args.num_boxes)
         corruption = dict(word_mask_rate=args.word_mask_rate, mismatch_rate=args.mismatch_rate)
-        self.train_set = dataset(self.train_ex, seed=args.seed, **corruption)
+        self.train_set = dataset(train_corpus, seed=args.seed, **corruption)
         # Held-out sets: the training corruption with its own seed, and the object-word probe.
         self.eval_sets = []
-        if self.valid_ex:
-            self.eval_sets.append(("", dataset(self.valid_ex, seed=args.seed + 1, **corruption)))
-        if self.valid_ex and probe:
-            clean = dict(word_mask_rate=0.0, mismatch_rate=0.0, mask_object_words=probe)
-            self.eval_sets.append(("object_word_", dataset(self.valid_ex, seed=args.seed + 1, **clean)))
+        if valid_corpus is not None and len(valid_corpus):
+            self.eval_sets.append(("", dataset(valid_corpus, seed=args.seed + 1, **corruption)))
+            if probe:
+                clean = dict(word_mask_rate=0.0, mismatch_rate=0.0, mask_object_words=probe)
+                self.eval_sets.append(("object_word_", dataset(valid_corpus, seed=args.seed + 1, **clean)))
+        self.num_valid = len(valid_corpus) if valid_corpus is not None else 0
         self.preset = args.preset or ("paper" if self.cuda else "small")
         self.tasks = {t: getattr(args, f"task_{t}") for t in TASKS}
         self.weights = {k: getattr(args, f"weight_{k}") for k in pt.TASK_LOSSES}
@@ -385,35 +396,42 @@ class PretrainJob(Job):
         return model
 
     def describe(self) -> str:
-        return f"preset {self.preset}: {len(self.train_ex)} train / {len(self.valid_ex)} held-out sentences; "
+        return f"preset {self.preset}: {len(self.train_set)} train / {self.num_valid} held-out sentences; "
+
+    def loader(self, dataset: Any, sampler: Any, workers: int, pin_memory: bool):
+        """``(host batch, device batch)`` pairs: whole batches from the corpus store, the next one
+        copied to the device while this one trains."""
+        from lxmert_fast.data import DevicePrefetcher, batch_loader
+
+        loader = batch_loader(dataset, sampler, num_workers=workers, pin_memory=pin_memory)
+        return DevicePrefetcher(loader, self.device, feature_dtype=torch.float32)
 
     def train_loader(self, sampler: Any, workers: int, pin_memory: bool):
-        from torch.utils.data import DataLoader
-
         self.train_set.set_epoch(sampler.epoch)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory)
+        return self.loader(self.train_set, sampler, workers, pin_memory)
 
-    def check_batch(self, engine: Any, batch: dict, examples: list) -> None:
+    def check_batch(self, engine: Any, host: dict, dataset: Any) -> None:
         """The model's value checks (ids, boxes, class ids), run here on the CPU batch: the model's
         own are off (model.lxmert.check_inputs) so that the step never waits on the device."""
         from lxmert_fast import pretraining as pt
 
         try:
-            pt.check_batch(engine.module, batch)
+            pt.check_batch(engine.module, host)
         except ValueError as exc:
-            images = sorted({examples[i].img_id for i in batch["index"].tolist()})
+            images = sorted(set(dataset.image_ids(host["index"].tolist())))
             raise ValueError(f"{exc} (a batch of images {', '.join(images)})") from exc
 
-    def run_batch(self, engine: Any, batch: dict, obj_seed: int, obj_offset: int, examples: list):
+    def run_batch(self, engine: Any, pair: tuple[dict, dict], obj_seed: int, obj_offset: int, dataset: Any):
         from lxmert_fast import pretraining as pt
 
         args = self.args
-        self.check_batch(engine, batch, examples)
-        use_vmask = not bool((batch["visual_mask"] > 0).all())
+        host, batch = pair
+        self.check_batch(engine, host, dataset)
+        use_vmask = not bool((host["visual_mask"] > 0).all())
         # Sparse heads: the rows to decode come from the CPU batch, so the step on the device has
         # fixed shapes and no value-dependent control flow.
         positions = pt.head_positions(
-            batch, self.model_config, args.word_mask_rate, obj_seed, obj_offset, args.obj_mask_rate
+            host, self.model_config, args.word_mask_rate, obj_seed, obj_offset, args.obj_mask_rate
         )
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in {**batch, **positions}.items()}
         feats, obj_labels, selected = batch["visual_feats"], None, None
@@ -436,7 +454,7 @@ class PretrainJob(Job):
         qa_w = pt.qa_weight(args.qa_schedule, step, total_steps)
         self.task_weights = {**self.weights, "qa": self.weights["qa"] * qa_w}
         offset = (micro_step * self.world + self.rank) * self.micro * args.num_boxes
-        out, counts, inputs = self.run_batch(engine, batch, args.seed, offset, self.train_ex)
+        out, counts, inputs = self.run_batch(engine, batch, args.seed, offset, self.train_set)
         return StepResult(pt.weighted_loss(out.losses, self.task_weights), dict(out.losses), counts, inputs)
 
     def flops(self, inputs: dict[str, Any]) -> int:
@@ -444,7 +462,6 @@ class PretrainJob(Job):
 
     def evaluate(self, engine: Any, workers: int) -> dict[str, Any]:
         import torch.distributed as dist
-        from torch.utils.data import DataLoader
 
         from lxmert_fast.data import EpochBatchSampler
         from lxmert_fast.metrics import accuracies
@@ -452,16 +469,15 @@ class PretrainJob(Job):
         if not self.eval_sets:
             return {}
         args, rank, world, micro = self.args, self.rank, self.world, self.micro
-        eval_sampler = EpochBatchSampler(len(self.valid_ex), micro, rank, world, shuffle=False)
         result = {}
         for prefix, eval_set in self.eval_sets:
             sums, losses, n = {}, {}, 0
-            loader = DataLoader(eval_set, batch_sampler=eval_sampler, num_workers=workers)
-            for i, batch in enumerate(loader):
+            eval_sampler = EpochBatchSampler(self.num_valid, micro, rank, world, shuffle=False)
+            for i, pair in enumerate(self.loader(eval_set, eval_sampler, workers, pin_memory=self.cuda)):
                 if args.eval_batches is not None and i >= args.eval_batches:
                     break
                 out, counts, _ = self.run_batch(
-                    engine, batch, args.seed + 2, (i * world + rank) * micro * args.num_boxes, self.valid_ex
+                    engine, pair, args.seed + 2, (i * world + rank) * micro * args.num_boxes, eval_set
                 )
                 for k, v in counts.items():
                     sums[k] = sums.get(k, 0) + v
@@ -480,9 +496,8 @@ class PretrainJob(Job):
             keys = sorted(losses)
             if keys:
                 # Mean over every rank's batches (each rank ran the same number: one shared sampler).
-                stacked = torch.stack(
-                    [losses[k] for k in keys] + [torch.tensor(float(n), device=engine.device)]
-                )
+                count = torch.tensor(float(n), device=engine.device)
+                stacked = torch.stack([losses[k] for k in keys] + [count])
                 dist.all_reduce(stacked)
                 total = max(float(stacked[-1]), 1.0)
                 result.update(
@@ -495,6 +510,9 @@ class PretrainJob(Job):
 
         fresh = lxmert_fast.LxmertForPreTraining(self.model_config)
         fresh.load_state_dict(state)
+        # config.id2label names the QA head's outputs (transformers' convention; the Answerer reads it).
+        if len(self.answers) == self.model_config.num_qa_labels:
+            lxmert_fast.set_answer_labels(fresh, self.answers.answers)
         fresh.save_pretrained(directory)
         shutil.copy(self.vocab, os.path.join(directory, "vocab.txt"))
         # The table the QA head was sized for (--answer_dsets applied), not the file as given.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -378,3 +379,30 @@ def test_nonfinite_loss_stops_naming_the_step_and_term(data_dir, tmp_path):
         r"step 3 \(micro-step 2\): the [a-z, ]+ loss is NaN or Inf; training stopped", result.stderr
     )
     assert (out / "checkpoints" / "step2").is_dir() and not (out / "checkpoints" / "step4").exists()
+
+
+def test_authors_formats_train_through_the_corpus_store(data_dir, tmp_path):
+    # Issue #14: --train/--valid JSON and --features TSVs (the authors' files) through the corpus
+    # store and the batch loader; a stale corpus named by --corpus_dir is refused, never read.
+    from lxmert_fast.data.synthetic import SPLITS, feature_file
+
+    data = tmp_path / "authors"
+    shutil.copytree(data_dir, data, ignore=shutil.ignore_patterns("feature_store", "corpus_*"))
+    files = ["--data_dir", str(tmp_path / "unused"), "--train", str(data / "train.json"), "--valid",
+             str(data / "valid.json"), "--features", ",".join(str(data / feature_file(s)) for s in SPLITS),
+             "--vocab", str(data / "vocab.txt"), "--answer_table", str(data / "all_ans.json"),
+             "--store_dir", str(tmp_path / "store"), "--corpus_dir", str(tmp_path / "corpus"),
+             "--num_boxes", "8", "--max_seq_len", "12"]  # fmt: skip
+    result = run_train(
+        data_dir, tmp_path / "out", *files, "--max_steps", "2", "--save_every", "0", "--eval_every", "2"
+    )
+    assert "building the corpus store" in result.stdout
+    assert (tmp_path / "corpus" / "corpus_train" / "index.json").is_file()
+    assert (tmp_path / "corpus" / "corpus_valid" / "index.json").is_file()
+    _, valid = read_log(tmp_path / "out")
+    assert valid and "qa_acc" in valid[-1]
+    records = json.loads((data / "train.json").read_text())
+    (data / "train.json").write_text(json.dumps(records[:-1]))  # the corpus is now stale
+    refused = run_train(data_dir, tmp_path / "out2", *files, "--max_steps", "2", check=False)
+    assert refused.returncode != 0
+    assert "--corpus_dir" in refused.stderr and "not a corpus store of the data as given" in refused.stderr

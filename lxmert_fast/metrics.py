@@ -70,17 +70,19 @@ class RunningMetrics:
         for key, value in counts.items():
             self._counts[key] = value if key not in self._counts else self._counts[key] + value
 
-    def read(self, all_ranks: bool = False) -> dict[str, float]:
+    def read(self, all_ranks: bool = False, own: dict[str, float] | None = None) -> dict[str, float]:
         """``{task: mean loss, task_acc: accuracy}`` of the window (one host copy), then reset.
 
         ``all_ranks``: over every rank of the process group (one all-reduce, every rank calls it):
         the losses are averaged over ranks — each rank's window holds the same number of examples
-        (fixed micro batches), so this is the mean over examples — and the counts summed."""
+        (fixed micro batches), so this is the mean over examples — and the counts summed. ``own``:
+        filled with this rank's values alone (one more host copy)."""
         keys = sorted(self._losses)
         count_keys = sorted(self._counts)
-        record: dict[str, float] = {}
         losses = [self._losses[k] for k in keys]
         counts = [self._counts[k] for k in count_keys]
+        if own is not None:
+            own.update(self._record(keys, losses, count_keys, counts))
         if all_ranks and (losses or counts):
             import torch.distributed as dist
 
@@ -93,13 +95,20 @@ class RunningMetrics:
             world = dist.get_world_size()
             losses = list(flat[: len(keys)] / world)
             counts = list(flat[len(keys) :].view(len(count_keys), -1)) if counts else []
+        record = self._record(keys, losses, count_keys, counts)
+        self._losses, self._counts, self._weight, self._first_nonfinite = {}, {}, 0.0, {}
+        return record
+
+    def _record(
+        self, keys: list[str], losses: list[Tensor], count_keys: list[str], counts: list[Tensor]
+    ) -> dict[str, float]:
+        record: dict[str, float] = {}
         if keys:
             values = torch.stack(losses).cpu() / max(self._weight, 1e-12)
             record.update((k, round(float(v), 6)) for k, v in zip(keys, values, strict=True))
         record.update(
             (f"{k}_acc", v) for k, v in accuracies(dict(zip(count_keys, counts, strict=True))).items()
         )
-        self._losses, self._counts, self._weight, self._first_nonfinite = {}, {}, 0.0, {}
         return record
 
 

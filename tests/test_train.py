@@ -120,9 +120,20 @@ def test_captured_step_trains_like_the_eager_step(data_dir, tmp_path):
 
 
 def test_two_processes(data_dir, tmp_path):
-    run_train(data_dir, tmp_path, "--zero_stage", "2", procs=2)
+    run_train(data_dir, tmp_path, "--zero_stage", "2", "--per_rank_log", procs=2)
     train, valid = read_log(tmp_path)
     assert [r["step"] for r in train] == [1, 2, 3, 4] and valid
+    # Issue #16: the log holds the average over ranks (equal batches: the mean of the two), each
+    # rank's own values only on request (--per_rank_log).
+    ranks = [
+        [json.loads(line) for line in (tmp_path / f"log.rank{r}.jsonl").read_text().splitlines()]
+        for r in (0, 1)
+    ]
+    for record, own0, own1 in zip(train, *ranks, strict=True):
+        assert own0["step"] == own1["step"] == record["step"]
+        assert own0["loss"] != own1["loss"]  # different batches
+        for key in ("loss", "mlm", "matched", "matched_acc"):
+            assert record[key] == pytest.approx((own0[key] + own1[key]) / 2, abs=2e-5), key
 
 
 def test_synthetic_set_of_an_older_format_is_regenerated(tmp_path):

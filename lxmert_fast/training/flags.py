@@ -184,6 +184,12 @@ def add_training_args(
         "(a dead node ends the job instead of hanging it)",
     )
     r.add_argument(
+        "--per_rank_log",
+        action="store_true",
+        help="also write each rank's own training losses and accuracies to OUTPUT/log.rank<R>.jsonl "
+        "(log.jsonl holds the averages over all ranks)",
+    )
+    r.add_argument(
         "--storage",
         choices=("auto", "shared", "node-local"),
         default="auto",

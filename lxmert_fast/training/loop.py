@@ -337,7 +337,13 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
                 rate = window_samples / max(time.time() - window_start, 1e-9)
                 tflops = rate * flops_per_sample / 1e12
                 nonfinite = metrics.first_nonfinite()
-                values = metrics.read(all_ranks=world > 1)
+                own: dict[str, float] | None = {} if args.per_rank_log else None
+                values = metrics.read(all_ranks=world > 1, own=own)
+                if own is not None:
+                    # This rank's own window, beside the global one (on request: --per_rank_log).
+                    path = os.path.join(args.output_dir, f"log.rank{rank}.jsonl")
+                    with atomic.reporting_disk_full(path), open(path, "a") as f:
+                        f.write(json.dumps({"step": step, "rank": rank, **own}) + "\n")
                 record = {
                     "step": step,
                     "epoch": round(micro_step / len(sampler), 4),

@@ -381,11 +381,18 @@ def open_run(output_dir: str, resume: bool, overwrite: bool, layout: Any = None)
     chosen = views[0]
     if not shared and resume and len(views) > 1:
         try:
-            chosen = {**chosen, **agree_on_checkpoint(views)}
+            agreed = agree_on_checkpoint(views)
         except RunDirError as exc:
             if run is not None:
                 run.close()
             raise SystemExit(f"error: {exc}") from None
+        if rank == 0 and agreed["resume_tag"] != chosen["resume_tag"]:
+            print(
+                f"--resume: {agreed['resume_tag'] or 'no checkpoint'} is the newest checkpoint complete on "
+                f"every node (rank 0's own choice was {chosen['resume_tag']}): continuing from it",
+                flush=True,
+            )
+        chosen = {**chosen, **agreed}
     if run is not None:
         for message in run.messages:
             print(message if rank == 0 else f"rank {rank} ({run.output_dir}): {message}", flush=True)
@@ -434,9 +441,9 @@ def agree_on_checkpoint(views: dict[int, dict]) -> dict:
     if missing and len(missing) < len(views):
         raise RunDirError(
             f"--resume on node-local disks: the nodes of rank(s) {', '.join(map(str, missing))} have no "
-            f"checkpoints/latest while others do ({summary}). Resuming would mix steps: copy the missing "
-            "node's checkpoints/ from another node (every file of the tag, and latest), or start afresh "
-            "with --overwrite"
+            f"checkpoints/latest while others do ({summary}). Resuming would mix steps: restore that node's "
+            "checkpoints/ (its ZeRO shards exist only on it; other nodes' copies hold other shards), or start "
+            "afresh with --overwrite"
         )
     if missing:
         return {"resume_tag": None, "resume_step": 0}

@@ -9,10 +9,12 @@ must be far above what the text alone allows:
   string, about 0.47 on the default set);
 * masked object words: chance is 1 / number of object classes (0.25).
 
-Seen here (seeds 0, 1, 2): matching 0.82 / 0.81 / 0.69, QA 0.88 / 0.92 / 0.76, object words
-0.88 / 0.87 / 0.87. When matching starts to rise depends on the seed (and on float rounding of
-the platform), so its bound, 0.62, keeps a margin below the slowest seed seen while staying
-six standard deviations above chance on the 672 held-out pairs.
+Seen here (seeds 0, 1, 2), since the batch loader's counter-based randomness (issue #14, which
+draws other masks and mismatches than the per-sample generator before it) and fp16 features:
+matching 0.64 / 0.73 / 0.80, QA 0.80 / 0.88 / 0.92, object words 0.85 / 0.88 / 0.88 (before:
+matching 0.82 / 0.81 / 0.69). When matching starts to rise depends on the seed (and on float
+rounding of the platform), so its bound, 0.60, keeps a margin below the slowest seed seen while
+staying five standard deviations above chance on the 672 held-out pairs.
 """
 
 from __future__ import annotations
@@ -71,6 +73,6 @@ def test_default_cpu_run_learns_matching_qa_and_object_words(tmp_path):
         f"(text-only {text_only:.3f}), object words {final['object_word_mlm_acc']:.3f}"
     )
     assert final["step"] == 1000
-    assert final["matched_acc"] > 0.62
+    assert final["matched_acc"] > 0.60
     assert final["qa_acc"] > text_only + 0.2
     assert final["object_word_mlm_acc"] > 1 / len(OBJECTS) + 0.4

@@ -84,7 +84,7 @@ def test_killed_finetuning_resumes_to_the_same_losses(data_dir, tmp_path):
     assert "resuming at step 2" in resumed.stdout
 
     def strip(rs: list[dict]) -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rs]
+        return [{k: v for k, v in r.items() if k not in ("samples_per_s", "tflops")} for r in rs]
 
     assert strip(records(tmp_path / "resumed")[0]) == strip(records(tmp_path / "whole")[0])
     assert records(tmp_path / "resumed")[1] == records(tmp_path / "whole")[1]
@@ -118,15 +118,42 @@ def test_load_qa_from_a_pretraining_export_then_test_writes_submissions(data_dir
         json.loads((data_dir / "vqa" / "trainval_label2ans.json").read_text())
     )
 
+    # --test on files given as the authors' are (no --train): those files, that store, nothing rebuilt.
+    authors = tmp_path / "authors"
+    authors.mkdir()
+    valid = json.loads((data_dir / "vqa" / "valid.json").read_text())[:24]
+    (authors / "minival.json").write_text(json.dumps(valid))
+    (authors / "test.json").write_text((data_dir / "vqa" / "test.json").read_text())
     tested = tmp_path / "tested"
-    finetune("--task", "vqa", "--data_dir", str(data_dir), "--output_dir", str(tested), "--test",
-             "--load_finetuned", str(out / "export"), "--cpu_threads", "1")  # fmt: skip
+    files = ["--valid", str(authors / "minival.json"), "--test_file", str(authors / "test.json"), "--features",
+             str(data_dir / "feature_store"), "--ans2label", str(data_dir / "vqa" / "trainval_ans2label.json"),
+             "--label2ans", str(data_dir / "vqa" / "trainval_label2ans.json"), "--data_dir", str(tmp_path / "unused"),
+             "--num_boxes", "6", "--max_seq_len", "12", "--cpu_threads", "1"]  # fmt: skip
+    finetune(
+        "--task",
+        "vqa",
+        "--output_dir",
+        str(tested),
+        "--test",
+        "--load_finetuned",
+        str(out / "export"),
+        *files,
+    )
     scores = json.loads((tested / "scores.json").read_text())
-    assert 0.0 <= scores["accuracy"] <= 1.0 and scores["count"] > 0
+    assert 0.0 <= scores["accuracy"] <= 1.0 and scores["count"] == len(valid)
+    assert not (tmp_path / "unused" / "feature_store").exists()
     submission = json.loads((tested / "test_predict.json").read_text())
-    test_ids = {d["question_id"] for d in json.loads((data_dir / "vqa" / "test.json").read_text())}
+    test_ids = {d["question_id"] for d in json.loads((authors / "test.json").read_text())}
     assert {p["question_id"] for p in submission} == test_ids
     assert all(isinstance(p["answer"], str) for p in submission)
+    # A weights file with no vocab.txt beside it and no --vocab: refused, not the synthetic vocab.
+    bare = tmp_path / "bare.pth"
+    import torch
+
+    torch.save(model.state_dict(), bare)
+    refused = finetune("--task", "vqa", "--output_dir", str(tmp_path / "r"), "--test", "--load_finetuned", str(bare),
+                       *files, check=False)  # fmt: skip
+    assert refused.returncode != 0 and "--vocab: required with your data" in refused.stderr
 
 
 def test_nlvr2_from_a_pretraining_export_writes_the_csv(data_dir, pretrained, tmp_path):
@@ -150,6 +177,7 @@ def test_nlvr2_from_a_pretraining_export_writes_the_csv(data_dir, pretrained, tm
             "--preset: the model's size comes from --load",
         ),
         (["--task", "squad"], "argument --task: invalid choice"),
+        (["--task", "vqa", "--load_qa_answers", "a.json"], "--load_qa_answers: only with --load_qa"),
     ],
 )
 def test_bad_flags_name_the_flag(argv, message, capsys):

@@ -124,6 +124,10 @@ class Task:
         (VQA/GQA), identifier and 1/0 (NLVR2)."""
         raise NotImplementedError
 
+    def example_id(self, example: Any) -> Any:
+        """The key of ``example`` in predictions and submissions."""
+        raise NotImplementedError
+
     def evaluate(self, predictions: Sequence[tuple[Any, Any]], examples: Sequence) -> dict[str, float]:
         """Scores as the task's evaluator counts them (:mod:`lxmert_fast.finetune.evaluation`)."""
         raise NotImplementedError
@@ -211,6 +215,9 @@ class QATask(Task):
             for i, label in zip(indices, labels, strict=True)
         ]
 
+    def example_id(self, example: Any) -> Any:
+        return example.question_id
+
     def evaluate(self, predictions, examples) -> dict[str, float]:
         return evaluation.qa_scores(predictions, examples)
 
@@ -274,6 +281,9 @@ class NLVR2Task(Task):
         labels = self.scores(output).argmax(1).tolist()
         indices = batch["index"].tolist()
         return [(dataset.examples[i].identifier, label) for i, label in zip(indices, labels, strict=True)]
+
+    def example_id(self, example: Any) -> Any:
+        return example.identifier
 
     def evaluate(self, predictions, examples) -> dict[str, float]:
         return evaluation.nlvr2_scores(predictions, examples)

@@ -110,6 +110,11 @@ def parse_args(
         help="like --load, and the pre-training QA head's rows for the answers both tables share (VQA/GQA)",
     )
     m.add_argument(
+        "--load_qa_answers",
+        help="with --load_qa: the pre-training answer table (all_ans.json) the QA head scores (default: "
+        "all_ans.json beside the model, as an export has it; the authors' is data/lxmert/all_ans.json)",
+    )
+    m.add_argument(
         "--load_finetuned", help="a fine-tuned model of this task: an export directory or BEST.pth"
     )
     m.add_argument(
@@ -132,6 +137,8 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(
             f"arguments {' and '.join('--' + f for f in loads)}: pass one (each names where the model starts)"
         )
+    if args.load_qa_answers and not args.load_qa:
+        parser.error("argument --load_qa_answers: only with --load_qa")
     if args.load_qa and args.task == "nlvr2":
         parser.error("argument --load_qa: NLVR2's head is true/false, not answers; use --load")
     if args.preset and loads:
@@ -157,13 +164,15 @@ class FinetuneJob(Job):
         self.task = TASKS[args.task]
         self.name = args.task
         self.zero3_leaf_modules = tuple(lxmert_fast.layers.ZERO3_LEAF_MODULES)
-        self.use_synthetic = args.train is None
+        self.use_synthetic = not (args.train or args.valid or args.test_file)
         self.store_dir = args.store_dir or os.path.join(args.data_dir, "feature_store")
         if self.use_synthetic:
             self.tsvs = []
         else:
             if not args.features:
-                raise SystemExit("--features: required with --train (feature TSV files or store directories)")
+                raise SystemExit(
+                    "--features: required with --train/--valid/--test_file (feature TSV files or store directories)"
+                )
             self.tsvs = [f for f in args.features.split(",") if not is_store(f)]
         self.init = args.load or args.load_qa or args.load_finetuned
 
@@ -185,7 +194,7 @@ class FinetuneJob(Job):
                     num_train=args.synthetic_images,
                     num_valid=max(20, args.synthetic_images // 10),
                 )
-        else:
+        elif self.tsvs:
             from lxmert_fast.training.pretrain import ensure_store
 
             ensure_store(self.tsvs, self.store_dir, args.fp16_features, explicit=args.store_dir is not None)
@@ -207,13 +216,20 @@ class FinetuneJob(Job):
                 f"--features: expected TSVs and/or exactly one store directory, got stores {stores}"
             )
         train = split(args.train)
-        beside = os.path.dirname(os.path.abspath(train[0]))
+        first = next(f for f in (args.train, args.valid, args.test_file) if f).split(",")[0]
+        beside = os.path.dirname(os.path.abspath(first))
         qa = args.task != "nlvr2"
         vocab = args.vocab
         if vocab is None and self.init and os.path.isfile(os.path.join(self.init, "vocab.txt")):
             vocab = os.path.join(self.init, "vocab.txt")
         if vocab is None:
-            vocab = os.path.join(args.data_dir, "vocab.txt")
+            flag = next((f for f in ("load", "load_qa", "load_finetuned") if getattr(args, f)), None)
+            raise SystemExit(
+                "--vocab: required with your data"
+                + (f" (--{flag} {self.init} has no vocab.txt beside it)" if flag else "")
+                + ": the WordPiece vocab.txt the model was pre-trained with (BERT's bert-base-uncased for the "
+                "authors' models)"
+            )
         return {
             "train": train,
             "valid": split(args.valid),
@@ -273,7 +289,7 @@ class FinetuneJob(Job):
                 f"--{flag} {self.init}: the model takes {config.visual_feat_dim}-d RoI features, the feature "
                 f"store {self.paths['store']} holds {self.store.feature_dim}-d ones"
             )
-        if config.vocab_size < len(self.tokenizer):
+        if config.vocab_size != len(self.tokenizer):
             raise SystemExit(
                 f"--{flag} {self.init}: the model's vocabulary has {config.vocab_size} word pieces, "
                 f"{self.paths['vocab']} has {len(self.tokenizer)}; pass the vocab the model was trained with (--vocab)"
@@ -312,7 +328,13 @@ class FinetuneJob(Job):
         if args.load:
             load_state_dict_strict(model, read_state_dict(args.load), backbone_only=True)
         elif args.load_qa:
-            print(load_pretrained_qa(model, args.load_qa, self.data.label2ans), flush=True)
+            try:
+                transfer = load_pretrained_qa(
+                    model, args.load_qa, self.data.label2ans, answer_table=args.load_qa_answers
+                )
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"--load_qa {args.load_qa}: {exc}") from None
+            print(transfer, flush=True)
         elif args.load_finetuned:
             load_state_dict_strict(model, read_state_dict(args.load_finetuned))
         model.lxmert.check_inputs = False  # checked on the host per batch (check_batch)
@@ -344,21 +366,34 @@ class FinetuneJob(Job):
         inputs = self.task.model_inputs(batch, use_vmask)
         if engine.zero_optimization_stage() == 3 and engine.training:
             inputs = zero3_inputs(inputs, ("visual_feats", "visual_pos"))
+        self.last_inputs = inputs
         return engine(**inputs), batch
 
     def train_step(self, engine: Any, batch: Any, micro_step: int, step: int, total_steps: int) -> StepResult:
         out, batch = self.forward(engine, batch)
         loss = self.task.loss(out, batch)
-        return StepResult(loss, {}, self.task.accuracy_counts(out, batch), {})
+        return StepResult(loss, {}, self.task.accuracy_counts(out, batch), self.last_inputs)
 
-    def predict(self, engine: Any, dataset: Any, workers: int) -> list:
-        """Every rank's predictions of ``dataset``, gathered on every rank."""
+    def flops(self, inputs: dict[str, Any]) -> int:
+        from lxmert_fast.metrics import training_flops
+
+        return training_flops(
+            lambda: self.task.build_model(self.config, self.data.num_labels, self.data.label2ans),
+            inputs,
+            lambda out: self.task.scores(out).float().sum(),
+        )
+
+    def predict(self, engine: Any, dataset: Any, workers: int, limit: int | None = None) -> list:
+        """Every rank's predictions of ``dataset`` (its first ``limit`` batches per rank), gathered on
+        every rank."""
         import torch.distributed as dist
         from torch.utils.data import DataLoader
 
         from lxmert_fast.finetune.datasets import eval_batches
 
         sampler = eval_batches(len(dataset), self.micro, self.rank, self.world)
+        if limit is not None:
+            sampler = sampler[:limit]
         mine = []
         for batch in DataLoader(dataset, batch_sampler=sampler, num_workers=workers):
             out, on_device = self.forward(engine, batch)
@@ -372,8 +407,12 @@ class FinetuneJob(Job):
     def evaluate(self, engine: Any, workers: int) -> dict[str, Any]:
         if self.data.valid is None:
             return {}
-        predictions = self.predict(engine, self.data.valid, workers)
-        scores = self.task.evaluate(predictions, self.data.valid.examples)
+        predictions = self.predict(engine, self.data.valid, workers, self.args.eval_batches)
+        ids = {p[0] for p in predictions}
+        examples = self.data.valid.examples
+        if len(ids) < len(examples):  # --eval_batches: scored on the examples predicted
+            examples = [e for e in examples if self.task.example_id(e) in ids]
+        scores = self.task.evaluate(predictions, examples)
         if self.rank == 0:
             self.task.write_submission(
                 predictions,

@@ -350,7 +350,11 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": round(rate, 2),
                     **({"tflops": round(tflops, 3)} if flops_per_sample else {}),
-                    **({"peak_pct": round(100 * tflops * 1e12 / (peak * world), 2)} if peak else {}),
+                    **(
+                        {"peak_pct": round(100 * tflops * 1e12 / (peak * world), 2)}
+                        if peak and flops_per_sample
+                        else {}
+                    ),
                     **values,
                 }
                 fallbacks = lxmert_fast.backend.fallback_counts()
@@ -365,7 +369,7 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
                     postfix = dict(loss=f"{values['loss']:.3f}", samples_s=f"{rate:.1f}")
                     if flops_per_sample:
                         postfix["tflops"] = f"{tflops:.2f}"
-                    if peak:
+                    if "peak_pct" in record:
                         postfix["peak"] = f"{record['peak_pct']:.1f}%"
                     bar.set_postfix(**postfix)
             if bar is not None:

@@ -77,9 +77,16 @@ def parse_args(
         help="where TSVs are converted to a memory-mapped store (default DATA_DIR/feature_store); a store "
         "converted from other files is rebuilt there by default, refused when named here",
     )
-    d.add_argument("--fp16_features", action="store_true", help="store converted features as float16")
     d.add_argument(
-        "--vocab", help="WordPiece vocab.txt (default: the --load export's, else DATA_DIR/vocab.txt)"
+        "--fp16_features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="store converted features as float16 (default, as pre-training); --no-fp16_features: float32",
+    )
+    d.add_argument(
+        "--vocab",
+        help="WordPiece vocab.txt (default: the synthetic set's, or vocab.txt beside the --load* model; "
+        "required otherwise)",
     )
     d.add_argument(
         "--ans2label",

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from lxmert_fast.training import flags
-from lxmert_fast.training.flags import int_flag
 from lxmert_fast.training.loop import Job, StepResult, run, zero3_inputs
 
 TASK_NAMES = ("vqa", "gqa", "nlvr2")
@@ -61,28 +60,18 @@ def parse_args(
     )
     p.add_argument("--task", choices=TASK_NAMES, required=True)
     d = p.add_argument_group("data (default: the task's synthetic set in DATA_DIR/<task>)")
-    d.add_argument(
-        "--data_dir",
-        default=os.path.join(root, "runs", "synthetic_data"),
-        help="directory of the synthetic sets (shared with pre-training, so a model pre-trained there transfers)",
+    flags.add_feature_args(
+        d,
+        root,
+        data_dir_help="directory of the synthetic sets (shared with pre-training, so a model pre-trained there "
+        "transfers)",
+        fp16_help="store converted features as float16 (default, as pre-training); --no-fp16_features: float32",
     )
     d.add_argument(
         "--train", help="comma-separated training JSON files (authors' format, e.g. data/vqa/train.json)"
     )
     d.add_argument("--valid", help="comma-separated held-out JSON files (scored, e.g. data/vqa/minival.json)")
     d.add_argument("--test_file", help="comma-separated test JSON files (predicted for the submission file)")
-    d.add_argument("--features", help="comma-separated feature TSV files and/or converted store directories")
-    d.add_argument(
-        "--store_dir",
-        help="where TSVs are converted to a memory-mapped store (default DATA_DIR/feature_store); a store "
-        "converted from other files is rebuilt there by default, refused when named here",
-    )
-    d.add_argument(
-        "--fp16_features",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="store converted features as float16 (default, as pre-training); --no-fp16_features: float32",
-    )
     d.add_argument(
         "--vocab",
         help="WordPiece vocab.txt (default: the synthetic set's, or vocab.txt beside the --load* model; "
@@ -96,17 +85,10 @@ def parse_args(
         "--label2ans",
         help="VQA/GQA answer list (default trainval_label2ans.json beside the first --train file)",
     )
-    d.add_argument(
-        "--max_seq_len", type=int_flag(3), default=None, help="default 20 (the authors'); 12 synthetic"
-    )
-    d.add_argument(
-        "--num_boxes", type=int_flag(1), default=None, help="default 36; the synthetic set's own count"
-    )
-    d.add_argument(
-        "--num_workers", type=int_flag(0), default=None, help="loader workers (default 0 on CPU, 4 on GPU)"
-    )
-    d.add_argument(
-        "--synthetic_images", type=int_flag(1), default=1000, help="training images when generating"
+    flags.add_loading_args(
+        d,
+        max_seq_len_help="default 20 (the authors'); 12 synthetic",
+        num_boxes_help="default 36; the synthetic set's own count",
     )
     m = p.add_argument_group("model")
     m.add_argument(
@@ -131,11 +113,7 @@ def parse_args(
         help="model size when training from scratch (no --load*; default paper on GPU, small on CPU)",
     )
     m.add_argument("--test", action="store_true", help="train nothing: score --valid, predict --test_file")
-    p = flags.add_training_args(p, DEFAULTS, root)
-    p.set_defaults(default_config=os.path.join(root, "ds.json"))
-    args = p.parse_args(argv)
-    validate_args(p, args)
-    return args
+    return flags.parse_job_args(p, DEFAULTS, root, argv, validate_args)
 
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -165,8 +143,8 @@ class FinetuneJob(Job):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         import lxmert_fast
-        from lxmert_fast.data import is_store
         from lxmert_fast.finetune import TASKS
+        from lxmert_fast.training.pretrain import feature_sources
 
         self.task = TASKS[args.task]
         self.name = args.task
@@ -180,7 +158,7 @@ class FinetuneJob(Job):
                 raise SystemExit(
                     "--features: required with --train/--valid/--test_file (feature TSV files or store directories)"
                 )
-            self.tsvs = [f for f in args.features.split(",") if not is_store(f)]
+            self.tsvs, self.store_path = feature_sources(args.features.split(","), self.store_dir)
         self.init = args.load or args.load_qa or args.load_finetuned
 
     def data_dirs(self) -> list[str]:
@@ -207,7 +185,6 @@ class FinetuneJob(Job):
             ensure_store(self.tsvs, self.store_dir, args.fp16_features, explicit=args.store_dir is not None)
 
     def _paths(self) -> dict[str, Any]:
-        from lxmert_fast.data import is_store
         from lxmert_fast.finetune import synthetic
 
         args = self.args
@@ -215,13 +192,6 @@ class FinetuneJob(Job):
             paths = synthetic.files(args.task, args.data_dir)
             return {**paths, "vocab": args.vocab or paths["vocab"]}
         split = lambda flag: flag.split(",") if flag else None  # noqa: E731
-        stores = [f for f in args.features.split(",") if is_store(f)] + (
-            [self.store_dir] if self.tsvs else []
-        )
-        if len(stores) != 1:
-            raise SystemExit(
-                f"--features: expected TSVs and/or exactly one store directory, got stores {stores}"
-            )
         train = split(args.train)
         first = next(f for f in (args.train, args.valid, args.test_file) if f).split(",")[0]
         beside = os.path.dirname(os.path.abspath(first))
@@ -243,7 +213,7 @@ class FinetuneJob(Job):
             "test": split(args.test_file),
             "ans2label": (args.ans2label or os.path.join(beside, "trainval_ans2label.json")) if qa else None,
             "label2ans": (args.label2ans or os.path.join(beside, "trainval_label2ans.json")) if qa else None,
-            "store": stores[0],
+            "store": self.store_path,
             "vocab": vocab,
             "num_boxes": 36,
             "max_seq_len": 20,

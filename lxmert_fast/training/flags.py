@@ -1,10 +1,11 @@
 """The flags every training job takes, their argparse types, and the DeepSpeed config they edit.
 
-A job (pre-training, fine-tuning) adds its own data and model flags and calls
-:func:`add_training_args` for the rest: optimisation (optimizer, schedule, batch geometry, ZeRO
-stage, precision, seed, capture) and the run (output directory, logging, evaluation,
-checkpoints, resume, export, processes). Values are range-checked by argparse, so ``--lr 0`` or
-``--max_steps -5`` is an error naming the flag, never a default.
+A job (pre-training, fine-tuning) adds its own data and model flags, the data flags both share
+with :func:`add_feature_args` and :func:`add_loading_args`, and parses with
+:func:`parse_job_args`, which adds the rest (:func:`add_training_args`): optimisation (optimizer,
+schedule, batch geometry, ZeRO stage, precision, seed, capture) and the run (output directory,
+logging, evaluation, checkpoints, resume, export, processes). Values are range-checked by
+argparse, so ``--lr 0`` or ``--max_steps -5`` is an error naming the flag, never a default.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_SEED = 2**31 - 1  # the per-step reseed (seed * 1_000_003 + micro_step) * 4099 + rank stays below 2**64
@@ -56,6 +58,34 @@ def float_flag(low: float, high: float = math.inf, low_open: bool = False):
 
 
 PROBABILITY = float_flag(0.0, 1.0)
+
+
+def add_feature_args(d, root: str, *, data_dir_help: str, fp16_help: str) -> None:
+    """Add the data flags every job shares to the argument group ``d``: ``--data_dir`` (default
+    ROOT/runs/synthetic_data), ``--features``, ``--store_dir`` and ``--fp16_features``; the help
+    texts that differ between jobs are passed in."""
+    d.add_argument("--data_dir", default=os.path.join(root, "runs", "synthetic_data"), help=data_dir_help)
+    d.add_argument("--features", help="comma-separated feature TSV files and/or converted store directories")
+    d.add_argument(
+        "--store_dir",
+        help="where TSVs are converted to a memory-mapped store (default DATA_DIR/feature_store); a store "
+        "converted from other files is rebuilt there by default, refused when named here",
+    )
+    d.add_argument("--fp16_features", action=argparse.BooleanOptionalAction, default=True, help=fp16_help)
+
+
+def add_loading_args(d, *, max_seq_len_help: str, num_boxes_help: str) -> None:
+    """Add the input-shape and loader flags every job shares to the argument group ``d``:
+    ``--max_seq_len``, ``--num_boxes`` (both None: the job resolves them from its data),
+    ``--num_workers`` and ``--synthetic_images``."""
+    d.add_argument("--max_seq_len", type=int_flag(3), default=None, help=max_seq_len_help)
+    d.add_argument("--num_boxes", type=int_flag(1), default=None, help=num_boxes_help)
+    d.add_argument(
+        "--num_workers", type=int_flag(0), default=None, help="loader workers (default 0 on CPU, 4 on GPU)"
+    )
+    d.add_argument(
+        "--synthetic_images", type=int_flag(1), default=1000, help="training images when generating"
+    )
 
 
 @dataclass(frozen=True)
@@ -173,6 +203,8 @@ def add_training_args(
     )
     r.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     r.add_argument("--kill_after_step", type=int, default=None, help=argparse.SUPPRESS)
+    # Tests: the process stops (SIGSTOP) after this step, alive but silent: a hung node.
+    r.add_argument("--stop_after_step", type=int, default=None, help=argparse.SUPPRESS)
     # Tests: seconds each evaluation sleeps, to check that samples/s leaves evaluations out.
     r.add_argument("--eval_delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
@@ -200,6 +232,23 @@ def add_training_args(
     import deepspeed
 
     return deepspeed.add_config_arguments(p)
+
+
+def parse_job_args(
+    p: argparse.ArgumentParser,
+    defaults: JobDefaults,
+    root: str,
+    argv: list[str] | None,
+    validate: Callable[[argparse.ArgumentParser, argparse.Namespace], None],
+) -> argparse.Namespace:
+    """A job's flags: its parser ``p`` with :func:`add_training_args`' flags added and
+    ``default_config`` set (ROOT/ds.json, the DeepSpeed config without --deepspeed_config), ``argv``
+    parsed and checked across flags by the job's ``validate(parser, args)``."""
+    p = add_training_args(p, defaults, root)
+    p.set_defaults(default_config=os.path.join(root, "ds.json"))
+    args = p.parse_args(argv)
+    validate(p, args)
+    return args
 
 
 def tensorboard_choice(flag: bool | None, installed: bool) -> tuple[bool, str]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lxmert_fast.training import flags
-from lxmert_fast.training.flags import PROBABILITY, float_flag, int_flag
+from lxmert_fast.training.flags import PROBABILITY, float_flag
 from lxmert_fast.training.loop import Job, StepResult, run, zero3_inputs
 
 TASKS = ("mlm", "matched", "obj", "qa")
@@ -61,26 +61,15 @@ def parse_args(
         description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = p.add_argument_group("data (default: the synthetic set in --data_dir)")
-    d.add_argument(
-        "--data_dir",
-        default=os.path.join(root, "runs", "synthetic_data"),
-        help="directory of the data; generated synthetic data if it has no meta.json and no --train",
+    flags.add_feature_args(
+        d,
+        root,
+        data_dir_help="directory of the data; generated synthetic data if it has no meta.json and no --train",
+        fp16_help="store converted features as float16 (default: half the bytes to read, pin and copy; "
+        "cast to float32 on the device); --no-fp16_features keeps float32",
     )
     d.add_argument("--train", help="comma-separated pre-training JSON files (authors' format)")
     d.add_argument("--valid", help="comma-separated held-out pre-training JSON files")
-    d.add_argument("--features", help="comma-separated feature TSV files and/or converted store directories")
-    d.add_argument(
-        "--store_dir",
-        help="where TSVs are converted to a memory-mapped store (default DATA_DIR/feature_store); a store "
-        "converted from other files is rebuilt there by default, refused when named here",
-    )
-    d.add_argument(
-        "--fp16_features",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="store converted features as float16 (default: half the bytes to read, pin and copy; "
-        "cast to float32 on the device); --no-fp16_features keeps float32",
-    )
     d.add_argument(
         "--corpus_dir",
         help="where the pre-tokenised corpus stores corpus_train/ and corpus_valid/ are built (default "
@@ -96,23 +85,10 @@ def parse_args(
         help="file of object nouns for the masked-object-word probe "
         "(default DATA_DIR/object_words.txt if present)",
     )
-    d.add_argument(
-        "--max_seq_len",
-        type=int_flag(3),
-        default=None,
-        help="[CLS] + words + [SEP], padded (default 20, the authors'; 12 for the synthetic set)",
-    )
-    d.add_argument(
-        "--num_boxes",
-        type=int_flag(1),
-        default=None,
-        help="boxes per image (default 36; the synthetic set's own count)",
-    )
-    d.add_argument(
-        "--num_workers", type=int_flag(0), default=None, help="loader workers (default 0 on CPU, 4 on GPU)"
-    )
-    d.add_argument(
-        "--synthetic_images", type=int_flag(1), default=1000, help="training images when generating"
+    flags.add_loading_args(
+        d,
+        max_seq_len_help="[CLS] + words + [SEP], padded (default 20, the authors'; 12 for the synthetic set)",
+        num_boxes_help="boxes per image (default 36; the synthetic set's own count)",
     )
 
     m = p.add_argument_group("model")
@@ -153,11 +129,7 @@ def parse_args(
         "--mismatch_rate", type=PROBABILITY, default=0.5, help="probability the sentence is replaced"
     )
 
-    p = flags.add_training_args(p, DEFAULTS, root)
-    p.set_defaults(default_config=os.path.join(root, "ds.json"))
-    args = p.parse_args(argv)
-    validate_args(p, args)
-    return args
+    return flags.parse_job_args(p, DEFAULTS, root, argv, validate_args)
 
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -175,6 +147,18 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("argument --answer_dsets: expected at least one dataset name, got ''")
     if args.valid and not args.train:
         parser.error("argument --valid: given without --train (the synthetic set brings its own)")
+
+
+def feature_sources(features: list[str], store_dir: str) -> tuple[list[str], str]:
+    """(the feature TSVs among ``features``, the one store the job reads): ``features`` holds TSV
+    files, converted into ``store_dir``, and/or store directories; all told exactly one store."""
+    from lxmert_fast.data import is_store
+
+    tsvs = [f for f in features if not is_store(f)]
+    stores = [f for f in features if is_store(f)] + ([store_dir] if tsvs else [])
+    if len(stores) != 1:
+        raise SystemExit(f"--features: expected TSVs and/or exactly one store directory, got stores {stores}")
+    return tsvs, stores[0]
 
 
 def ensure_store(tsvs: list[str], store_dir: str, fp16: bool, explicit: bool) -> None:
@@ -236,7 +220,7 @@ class PretrainJob(Job):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args)
         import lxmert_fast
-        from lxmert_fast.data import is_store, synthetic
+        from lxmert_fast.data import synthetic
 
         self.zero3_leaf_modules = tuple(lxmert_fast.layers.ZERO3_LEAF_MODULES)
         self.use_synthetic = args.train is None
@@ -251,13 +235,7 @@ class PretrainJob(Job):
             self.train_json = args.train.split(",")
             self.valid_json = args.valid.split(",") if args.valid else []
             self.features = args.features.split(",")
-        self.tsvs = [f for f in self.features if not is_store(f)]
-        stores = [f for f in self.features if is_store(f)] + ([self.store_dir] if self.tsvs else [])
-        if len(stores) != 1:
-            raise SystemExit(
-                f"--features: expected TSVs and/or exactly one store directory, got stores {stores}"
-            )
-        self.store_path = stores[0]
+        self.tsvs, self.store_path = feature_sources(self.features, self.store_dir)
         self.corpus_dir = args.corpus_dir or args.data_dir
         self.vocab = args.vocab or os.path.join(args.data_dir, "vocab.txt")
         self.answers_path = args.answer_table or os.path.join(args.data_dir, "all_ans.json")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from stepping import training_step
 
 import lxmert_fast
 from lxmert_fast.finetune.models import soft_score_loss
@@ -73,20 +74,15 @@ def build_step(config: dict, size: str, impl: str, mode: str, device: str) -> tu
         model = hf
     model = model.to(device).train()
     inputs, target = make_batch(config, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=device == "cuda")
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda" and size.startswith("paper"))
-    forward = model
-    if mode == "compiled":
-        torch._dynamo.reset()
-        forward = torch.compile(model, mode="reduce-overhead" if device == "cuda" else None)
-
-    def step() -> None:
-        with autocast:
-            loss = soft_score_loss(forward(**inputs).question_answering_score.float(), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(
+        model,
+        inputs,
+        lambda out: soft_score_loss(out.question_answering_score.float(), target),
+        lr=5e-5,
+        size=size,
+        mode=mode,
+        device=device,
+    )
     return step, inputs
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from stepping import training_step
 
 import lxmert_fast
 from lxmert_fast import pretraining as pt
@@ -120,20 +121,7 @@ def build_step(config: dict, size: str, impl: str, mode: str, device: str) -> tu
     sparse = batch.pop("sparse")
     if impl == "ours":
         batch.update(sparse)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda" and size.startswith("paper"))
-    forward = model
-    if mode == "compiled":
-        torch._dynamo.reset()
-        forward = torch.compile(model, mode="reduce-overhead" if device == "cuda" else None)
-
-    def step() -> None:
-        with autocast:
-            loss = forward(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, batch, lambda out: out.loss, lr=1e-5, size=size, mode=mode, device=device)
     return step, batch
 
 

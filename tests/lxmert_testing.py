@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import traceback
+
+import numpy as np
 import torch
 
 import lxmert_fast
@@ -147,3 +153,72 @@ def top_answer(table, label: dict[str, float]) -> int | None:
     """The id of the highest-scoring answer of a raw ``{answer: score}`` label, None if none is in ``table``."""
     scores = table.convert_label(label)
     return max(scores.items(), key=lambda kv: kv[1])[0] if scores else None
+
+
+def feature_items(
+    count: int, dim: int = 7, seed: int = 0, id_prefix: str = "COCO_val2014", box_scale: float = 500
+) -> list[dict]:
+    """``count`` random images with every field of a feature TSV row: ids ``<id_prefix>_<i:012d>``,
+    3, 4, 5, 3, ... boxes (ragged on purpose: the store must not assume 36), pixel boxes in
+    [0, box_scale), features [n, dim]."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(count):
+        n = 3 + i % 3
+        items.append(
+            {
+                "img_id": f"{id_prefix}_{i:012d}",
+                "img_h": int(rng.integers(100, 900)),
+                "img_w": int(rng.integers(100, 900)),
+                "objects_id": rng.integers(0, 1600, n).astype(np.int64),
+                "objects_conf": rng.random(n).astype(np.float32),
+                "attrs_id": rng.integers(0, 400, n).astype(np.int64),
+                "attrs_conf": rng.random(n).astype(np.float32),
+                "num_boxes": n,
+                "boxes": (rng.random((n, 4)) * box_scale).astype(np.float32),
+                "features": (rng.random((n, dim)) * 10).astype(np.float32),
+            }
+        )
+    return items
+
+
+FAULT = "LXMERT_FAST_FAULT_AT"  # lxmert_fast/atomic.py's fault injection
+
+
+def killed_at(spec: int | str, fn) -> bool:
+    """Run ``fn`` in a forked child that is SIGKILLed at fault point ``spec`` (``FAULT``); True if it
+    was, False if ``fn`` finished before reaching it (an exception in the child fails the test)."""
+    from lxmert_fast import atomic
+
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.environ[FAULT] = str(spec)
+            atomic.reset_fault_count()
+            fn()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL, status
+        return True
+    assert os.WEXITSTATUS(status) == 0, f"the child failed before fault point {spec} (see stderr)"
+    return False
+
+
+@contextlib.contextmanager
+def torch_sum_forbidden(monkeypatch):
+    """Within the block, ``torch.sum`` and ``Tensor.sum`` raise: a kernel's backward must leave its
+    reductions (dW, db) to its own kernels, with no torch reduction after them."""
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("torch reduction in the backward")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "sum", forbidden)
+        patch.setattr(torch, "sum", forbidden)
+        yield

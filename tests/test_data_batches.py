@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import traceback
 
 import numpy as np
 import pytest
 import torch
-from lxmert_testing import synthetic_corpus
+from lxmert_testing import feature_items, killed_at, synthetic_corpus
 from torch.utils.data import default_collate
 
 from lxmert_fast import atomic, philox
@@ -72,24 +70,7 @@ def syn(tmp_path_factory):
 def authors(tmp_path_factory):
     """A small set in the authors' formats, written by hand (see the module docstring)."""
     path = tmp_path_factory.mktemp("authors")
-    rng = np.random.default_rng(4)
-    items = []
-    for i in range(5):
-        n = 3 + i % 3
-        items.append(
-            {
-                "img_id": f"COCO_train2014_{i:012d}",
-                "img_h": int(rng.integers(100, 900)),
-                "img_w": int(rng.integers(100, 900)),
-                "objects_id": rng.integers(0, 1600, n).astype(np.int64),
-                "objects_conf": rng.random(n).astype(np.float32),
-                "attrs_id": rng.integers(0, 400, n).astype(np.int64),
-                "attrs_conf": rng.random(n).astype(np.float32),
-                "num_boxes": n,
-                "boxes": (rng.random((n, 4)) * 900).astype(np.float32),
-                "features": (rng.random((n, 7)) * 10).astype(np.float32),
-            }
-        )
+    items = feature_items(5, seed=4, id_prefix="COCO_train2014", box_scale=900)
     write_feature_tsv(path / "obj.tsv", items)
     convert_tsv_to_store([path / "obj.tsv"], path / "store", fp16=True)
     write_vocab(str(path / "vocab.txt"))
@@ -278,28 +259,6 @@ def test_damaged_corpus_is_refused_and_rebuilt(syn, tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="holds more than a corpus store"):
         build_corpus(out, *inputs, **kwargs)
-
-
-def killed_at(point: int, fn) -> bool:
-    """Run ``fn`` in a forked child SIGKILLed at fault point ``point``; False if it finished first."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.environ["LXMERT_FAST_FAULT_AT"] = str(point)
-            atomic.reset_fault_count()
-            fn()
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        assert os.WTERMSIG(status) == signal.SIGKILL
-        return True
-    assert os.WEXITSTATUS(status) == 0, "the build failed before the fault point (see stderr)"
-    return False
 
 
 def test_killed_build_leaves_the_old_corpus_or_the_new_one(syn, authors, tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from lxmert_testing import top_answer
+from lxmert_testing import feature_items, top_answer
 
 from lxmert_fast.data import (
     AnswerTable,
@@ -34,28 +34,6 @@ from lxmert_fast.data.synthetic import (
 from lxmert_fast.data.tsv import FIELDNAMES
 
 
-def make_items(count: int, dim: int = 7, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    items = []
-    for i in range(count):
-        n = 3 + i % 3  # ragged on purpose: the store must not assume 36 boxes
-        items.append(
-            {
-                "img_id": f"COCO_val2014_{i:012d}",
-                "img_h": int(rng.integers(100, 900)),
-                "img_w": int(rng.integers(100, 900)),
-                "objects_id": rng.integers(0, 1600, n).astype(np.int64),
-                "objects_conf": rng.random(n).astype(np.float32),
-                "attrs_id": rng.integers(0, 400, n).astype(np.int64),
-                "attrs_conf": rng.random(n).astype(np.float32),
-                "num_boxes": n,
-                "boxes": (rng.random((n, 4)) * 500).astype(np.float32),
-                "features": (rng.random((n, dim)) * 10).astype(np.float32),
-            }
-        )
-    return items
-
-
 def assert_items_equal(got: dict, want: dict, feature_atol: float = 0.0) -> None:
     assert set(got) == set(FIELDNAMES)
     for key in FIELDNAMES:
@@ -69,7 +47,7 @@ def assert_items_equal(got: dict, want: dict, feature_atol: float = 0.0) -> None
 
 
 def test_tsv_round_trip(tmp_path):
-    items = make_items(5)
+    items = feature_items(5)
     path = tmp_path / "feats.tsv"
     assert write_feature_tsv(path, items) == 5
     back = list(read_feature_tsv(path))
@@ -80,7 +58,7 @@ def test_tsv_round_trip(tmp_path):
 
 def test_tsv_huge_field(tmp_path):
     """A real row is ~400 KB, above the csv module's default 128 KB field limit."""
-    items = make_items(1, dim=20000)
+    items = feature_items(1, dim=20000)
     write_feature_tsv(tmp_path / "big.tsv", items)
     (got,) = read_feature_tsv(tmp_path / "big.tsv")
     assert_items_equal(got, items[0])
@@ -89,7 +67,7 @@ def test_tsv_huge_field(tmp_path):
 @pytest.mark.parametrize("cut", ["mid_features", "mid_boxes", "after_id"])
 def test_truncated_row_names_file_and_line(tmp_path, cut):
     path = tmp_path / "feats.tsv"
-    write_feature_tsv(path, make_items(3))
+    write_feature_tsv(path, feature_items(3))
     lines = path.read_text().splitlines(keepends=True)
     row = lines[1]
     fields = row.split("\t")
@@ -106,7 +84,7 @@ def test_truncated_row_names_file_and_line(tmp_path, cut):
 
 def test_corrupted_base64_names_field(tmp_path):
     path = tmp_path / "feats.tsv"
-    write_feature_tsv(path, make_items(2))
+    write_feature_tsv(path, feature_items(2))
     lines = path.read_text().splitlines(keepends=True)
     fields = lines[1].split("\t")
     fields[4] = "!!" + fields[4][2:]
@@ -117,7 +95,7 @@ def test_corrupted_base64_names_field(tmp_path):
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_store_round_trips_every_field(tmp_path, fp16):
-    items = make_items(7)
+    items = feature_items(7)
     write_feature_tsv(tmp_path / "a.tsv", items[:4])
     write_feature_tsv(tmp_path / "b.tsv", items[4:])
     index = convert_tsv_to_store([tmp_path / "a.tsv", tmp_path / "b.tsv"], tmp_path / "store", fp16=fp16)
@@ -134,7 +112,7 @@ def test_store_round_trips_every_field(tmp_path, fp16):
 
 
 def test_store_rejects_duplicate_image(tmp_path):
-    items = make_items(2)
+    items = feature_items(2)
     write_feature_tsv(tmp_path / "a.tsv", items)
     with pytest.raises(ValueError, match="duplicate img_id"):
         convert_tsv_to_store([tmp_path / "a.tsv", tmp_path / "a.tsv"], tmp_path / "store")
@@ -270,7 +248,7 @@ def test_synthetic_format_version(tmp_path):
     ids=["zero_size", "nan_box", "inf_feature"],
 )
 def test_tsv_rows_that_would_train_nan_name_file_and_line(tmp_path, corrupt, message):
-    items = make_items(3)
+    items = feature_items(3)
     corrupt(items[1])
     write_feature_tsv(tmp_path / "feats.tsv", items)
     with pytest.raises(
@@ -284,7 +262,7 @@ def test_dataset_rejects_a_store_image_of_zero_size(tmp_path):
     # the host, because train.py runs the model without its value checks.
     from lxmert_fast.data import Example, PretrainDataset
 
-    write_feature_tsv(tmp_path / "a.tsv", make_items(2))
+    write_feature_tsv(tmp_path / "a.tsv", feature_items(2))
     convert_tsv_to_store([tmp_path / "a.tsv"], tmp_path / "store")
     index = json.loads((tmp_path / "store" / "index.json").read_text())
     index["images"]["COCO_val2014_000000000001"][2:] = [0, 0]
@@ -337,7 +315,7 @@ def test_empty_vocab_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("damage", ["empty_index", "short_features"])
 def test_damaged_store_names_the_file(tmp_path, damage):
-    write_feature_tsv(tmp_path / "a.tsv", make_items(3))
+    write_feature_tsv(tmp_path / "a.tsv", feature_items(3))
     convert_tsv_to_store([tmp_path / "a.tsv"], tmp_path / "store")
     if damage == "empty_index":
         (tmp_path / "store" / "index.json").write_text("")

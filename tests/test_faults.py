@@ -17,44 +17,18 @@ import signal
 import socket
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from lxmert_testing import SMALL
+from lxmert_testing import FAULT, SMALL, killed_at
 from test_train import LOSS_KEYS, read_log, run_train
 
 import lxmert_fast
 from lxmert_fast import atomic, rundir
 from lxmert_fast.data import FeatureStore, convert_tsv_to_store
 from lxmert_fast.data.store import store_mismatch
-
-FAULT = "LXMERT_FAST_FAULT_AT"
-
-
-def killed_at(spec: int | str, fn) -> bool:
-    """Run ``fn`` in a forked child that is SIGKILLed at fault point ``spec``; True if it was,
-    False if ``fn`` finished before reaching it."""
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.environ[FAULT] = str(spec)
-            atomic.reset_fault_count()
-            fn()
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status):
-        assert os.WTERMSIG(status) == signal.SIGKILL, status
-        return True
-    assert os.WEXITSTATUS(status) == 0, f"the writer failed before fault point {spec} (see stderr)"
-    return False
 
 
 def kill_everywhere(fn, check) -> int:

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lxmert_testing import torch_sum_forbidden
 
 import lxmert_fast
 from lxmert_fast import ops, reference
@@ -388,13 +389,7 @@ def test_weight_grads_come_from_the_kernels_in_the_weights_dtype(
     inputs = make_inputs((36, 100), kernel_device)
     leaves = _leaves(inputs, dtype, weight_dtype)
     out = rln.residual_dropout_layer_norm(*leaves, EPS, 0.1, seed=8)
-
-    def forbidden(*_args, **_kwargs):
-        raise AssertionError("torch reduction in the backward")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.Tensor, "sum", forbidden)
-        patch.setattr(torch, "sum", forbidden)
+    with torch_sum_forbidden(monkeypatch):
         grads = torch.autograd.grad(out, leaves, inputs["grad_out"].to(dtype))
     assert grads[2].dtype == grads[3].dtype == weight_dtype
     keep = rln.dropout_keep_mask(8, 0, (36, 100), 0.1, kernel_device)

@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 import triton
+from lxmert_testing import torch_sum_forbidden
 
 import lxmert_fast
 from lxmert_fast import backend, ops, reference
@@ -260,13 +261,7 @@ def test_parameter_grads_come_from_the_kernels_in_their_dtypes(dtype, monkeypatc
     grad_out = torch.randn(3, 13, 96, device=kernel_device).to(dtype)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     out = ve.visual_embedding(*leaves, EPS, 0.1, seed=4)
-
-    def forbidden(*_args, **_kwargs):
-        raise AssertionError("torch reduction in the backward")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch.Tensor, "sum", forbidden)
-        patch.setattr(torch, "sum", forbidden)
+    with torch_sum_forbidden(monkeypatch):
         grads = torch.autograd.grad(out, leaves, grad_out)
     assert [g.dtype for g in grads] == [dtype] * len(NAMES)
     fast = [out.detach(), *grads]

@@ -1,8 +1,8 @@
 """One image of the feature store as model-ready tensors, padded to a fixed number of boxes.
 
-The fine-tuning datasets use :func:`image_tensors`; it computes exactly what
-:meth:`lxmert_fast.data.pretrain.PretrainDataset._image` does (tests/test_finetune.py compares
-the two), so pre-training and fine-tuning normalise boxes the same way.
+The pre-training items (:meth:`lxmert_fast.data.pretrain.PretrainDataset._image`) and the
+fine-tuning datasets both use :func:`image_tensors`, so pre-training and fine-tuning normalise boxes
+the same way.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler
 
 from lxmert_fast.data import randomness
 from lxmert_fast.data.answers import AnswerTable
+from lxmert_fast.data.images import image_tensors
 from lxmert_fast.data.jsonfile import read_json
 from lxmert_fast.data.store import FeatureStore
 from lxmert_fast.data.tokenization import WordPieceTokenizer
@@ -194,34 +195,7 @@ class PretrainDataset(Dataset):
         return len(self.examples)
 
     def _image(self, img_id: str) -> dict[str, torch.Tensor]:
-        item = self.store[img_id]
-        n = min(item["num_boxes"], self.num_boxes)
-        # The model's own box check is off in training (train.py), and a zero image size or a
-        # NaN box would make the normalised boxes NaN/Inf: checked here, per image, on the host.
-        if item["img_h"] <= 0 or item["img_w"] <= 0:
-            raise ValueError(
-                f"image {img_id!r} in {self.store.directory}: expected a positive image size (boxes are "
-                f"divided by it), got img_h={item['img_h']}, img_w={item['img_w']}"
-            )
-        if not np.isfinite(item["boxes"][:n]).all():
-            raise ValueError(
-                f"image {img_id!r} in {self.store.directory}: boxes hold NaN or Inf, expected finite "
-                "pixel coordinates"
-            )
-        size = np.array([item["img_w"], item["img_h"], item["img_w"], item["img_h"]], np.float32)
-        feats = np.zeros((self.num_boxes, item["features"].shape[1]), np.float32)
-        boxes = np.zeros((self.num_boxes, 4), np.float32)
-        feats[:n] = item["features"][:n]
-        boxes[:n] = np.clip(item["boxes"][:n] / size, 0.0, 1.0)
-        out = {"visual_feats": torch.from_numpy(feats), "visual_pos": torch.from_numpy(boxes)}
-        out["visual_mask"] = (torch.arange(self.num_boxes) < n).float()
-        for key, field in (("obj", "objects"), ("attr", "attrs")):
-            ids = torch.full((self.num_boxes,), -1, dtype=torch.long)
-            conf = torch.zeros(self.num_boxes)
-            ids[:n] = torch.from_numpy(item[f"{field}_id"][:n])
-            conf[:n] = torch.from_numpy(item[f"{field}_conf"][:n])
-            out[f"{key}_ids"], out[f"{key}_conf"] = ids, conf
-        return out
+        return image_tensors(self.store, img_id, self.num_boxes)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         key = (self.seed, self.epoch, np.array([index]))

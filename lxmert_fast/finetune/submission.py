@@ -22,22 +22,29 @@ def _check(value: object, kind: type, what: str) -> None:
         raise ValueError(f"{what}: expected {kind.__name__}, got {type(value).__name__} {value!r:.60}")
 
 
-def write_vqa(predictions: Iterable[tuple[int, str]], path: str | os.PathLike) -> None:
+def _write_qa_json(
+    predictions: Iterable[tuple[object, str]],
+    path: str | os.PathLike,
+    task: str,
+    id_key: str,
+    id_type: type,
+    answer_key: str,
+) -> None:
+    """JSON ``[{id_key: question id, answer_key: answer}, ...]`` with the ids' and answers' types checked."""
     rows = []
     for qid, answer in predictions:
-        _check(qid, int, "VQA question_id")
-        _check(answer, str, f"answer of question {qid}")
-        rows.append({"question_id": qid, "answer": answer})
+        _check(qid, id_type, f"{task} {id_key}")
+        _check(answer, str, f"{answer_key} of question {qid}")
+        rows.append({id_key: qid, answer_key: answer})
     atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+
+
+def write_vqa(predictions: Iterable[tuple[int, str]], path: str | os.PathLike) -> None:
+    _write_qa_json(predictions, path, "VQA", "question_id", int, "answer")
 
 
 def write_gqa(predictions: Iterable[tuple[str, str]], path: str | os.PathLike) -> None:
-    rows = []
-    for qid, answer in predictions:
-        _check(qid, str, "GQA questionId")
-        _check(answer, str, f"prediction of question {qid}")
-        rows.append({"questionId": qid, "prediction": answer})
-    atomic_write_text(path, json.dumps(rows, indent=1) + "\n")
+    _write_qa_json(predictions, path, "GQA", "questionId", str, "prediction")
 
 
 def write_nlvr2(predictions: Iterable[tuple[str, int]], path: str | os.PathLike) -> None:

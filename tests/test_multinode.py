@@ -34,9 +34,14 @@ def free_port() -> int:
 
 
 def launch(
-    launcher: str, node_dirs: list[tuple[Path, Path]], *extra: str, tmp: Path
+    launcher: str,
+    node_dirs: list[tuple[Path, Path]],
+    *extra: str,
+    tmp: Path,
+    node_extra: dict[int, list[str]] | None = None,
 ) -> list[subprocess.CompletedProcess]:
-    """Start one launcher per node (``node_dirs[i]``: node i's data and output directories), wait for all."""
+    """Start one launcher per node (``node_dirs[i]``: node i's data and output directories; flags for
+    all nodes, and ``node_extra[i]`` for node i only), wait for all."""
     env = dict(train_env(), OMP_NUM_THREADS="1")
     port = free_port()
     hostfile = tmp / "hostfile"
@@ -50,7 +55,7 @@ def launch(
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                    "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
-        cmd += [str(REPO / "train.py"), *ARGS, *paths, *extra]
+        cmd += [str(REPO / "train.py"), *ARGS, *paths, *extra, *(node_extra or {}).get(node, [])]
         procs.append(
             subprocess.Popen(
                 cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -136,3 +141,34 @@ def test_node_local_resume_with_a_node_missing_its_checkpoints_is_refused(tmp_pa
     assert "--resume on node-local disks: the nodes of rank(s) 1 have no checkpoints/latest" in message
     assert "rank 0: latest step2, complete checkpoints step2; rank 1: latest missing" in message
     assert "step3" not in (dirs[0][1] / "log.jsonl").read_text()
+
+
+def test_a_hung_node_ends_the_job_within_the_collective_timeout(tmp_path):
+    # Node 1 hangs after step 2 (SIGSTOP: alive, its sockets open, silent); node 0's next collective
+    # must fail after --dist_timeout (here 0.2 minutes) and the job end with an error, not wait.
+    import os
+    import signal
+    import time
+
+    (_, out0), (_, out1) = layout_dirs(tmp_path, "node-local")
+    port, env = free_port(), dict(train_env(), OMP_NUM_THREADS="1")
+    procs = []
+    for node, (out, extra) in enumerate([(out0, []), (out1, ["--stop_after_step", "2"])]):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+               str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), str(REPO / "train.py"), *ARGS,
+               "--data_dir", str(tmp_path / f"data{node}"), "--output_dir", str(out), "--dist_timeout", "0.2",
+               "--max_steps", "8", "--save_every", "0", *extra]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))  # fmt: skip
+    start = time.monotonic()
+    try:
+        _, err = procs[0].communicate(timeout=240)
+        elapsed = time.monotonic() - start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert procs[0].returncode != 0
+    assert "Timed out" in err or "timed out" in err, err[-3000:]
+    assert elapsed < 200, elapsed

@@ -48,9 +48,18 @@ def init_process_group(cuda: bool, timeout_minutes: float, shm_comm: bool = Fals
     if cuda:
         # NCCL reports a collective that timed out (a peer died) as an error, not a hang.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    deepspeed.init_distributed(
-        dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # DeepSpeed builds its data-parallel groups with new_group() and no timeout, which takes
+    # torch's defaults (30 minutes for gloo, 10 for NCCL), not the world group's: a hung peer
+    # then stalls the gradient reduction for that long. The defaults are module globals read when
+    # a group is made, so they are set here, before any group exists (checked by
+    # tests/test_multinode.py: a hung node ends the job within --dist_timeout).
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if getattr(distributed_c10d, "default_pg_nccl_timeout", None) is not None:
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -392,6 +392,8 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
                     if log is not None:
                         log.close()
                     os.kill(os.getpid(), signal.SIGKILL)
+            if args.stop_after_step == step:
+                os.kill(os.getpid(), signal.SIGSTOP)
             if step >= total_steps:
                 break
     if bar is not None:

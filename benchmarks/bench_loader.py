@@ -15,10 +15,13 @@ Cases (numbers in ``extra_info``; the summary lines print with ``-s``):
 
 * ``batch_in_process``: ``dataset[indices]`` for one batch in this process: the work of one worker
   process per batch, on one core; ``samples_per_s``.
-* ``first_batch``: from opening the stores to the first batch out of a 1-worker loader.
+* ``first_batch``: from opening the stores to the first batch out of a 1-worker loader. It runs
+  before any other loader of the module, so it includes starting the forkserver the workers fork
+  from (a fresh interpreter importing numpy, torch and ``lxmert_fast.data.batches``).
 * ``workers[N]``: ``LXMERT_BENCH_BATCHES`` (default 1,000) batches through a loader of N = 1, 2, 4
   workers: samples/s, and the resident memory of the parent and of each worker after 10 batches
-  and at the end (RSS, and PSS/USS: RSS counts the pages a forked worker shares with its parent).
+  and at the end (RSS, and PSS/USS: RSS counts the pages a worker shares with the process it was
+  forked from, here the forkserver), and of the forkserver and resource tracker at the end.
 * ``per_sample_in_process`` (last, so that its Python examples do not sit in the heap the workers
   of the cases above inherit): ``batch_in_process`` for the per-sample path (``PretrainDataset``
   items, Python examples, ``default_collate``) on ``LXMERT_BENCH_OLD_SENTENCES`` (default 200,000)
@@ -207,6 +210,25 @@ def test_first_batch(benchmark, stores):
     print(f"\nfirst batch: {seconds:.2f} s from opening the stores ({SENTENCES:,} sentences, 1 worker)")
 
 
+def _worker_memory(loader) -> list[dict[str, float]]:
+    # The loader's own worker processes: with the forkserver start method they are children of the
+    # forkserver, not of this process (DataLoader's iterator keeps them in ``_workers``).
+    return [_memory(w.pid) for w in loader._workers]
+
+
+def _helpers() -> dict[str, dict[str, float]]:
+    """This process's other children (the forkserver, multiprocessing's resource tracker): one each
+    per process, however many loaders and workers."""
+    out = {}
+    for child in psutil.Process().children():
+        cmd = " ".join(child.cmdline())
+        name = (
+            "forkserver" if "forkserver" in cmd else "resource_tracker" if "resource_tracker" in cmd else cmd
+        )
+        out[name] = _memory(child.pid)
+    return out
+
+
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_workers(benchmark, stores, workers):
     def run() -> dict:
@@ -217,13 +239,11 @@ def test_workers(benchmark, stores, workers):
         for i in range(BATCHES):
             batch = next(loader)
             if i == 9:
-                children = psutil.Process().children()
-                early = {"parent": _memory(os.getpid()), "workers": [_memory(c.pid) for c in children]}
+                early = {"parent": _memory(os.getpid()), "workers": _worker_memory(loader)}
                 start = time.perf_counter()
         rate = (BATCHES - 10) * BATCH / (time.perf_counter() - start)
         assert batch["input_ids"].shape == (BATCH, SEQ)
-        children = psutil.Process().children()
-        late = {"parent": _memory(os.getpid()), "workers": [_memory(c.pid) for c in children]}
+        late = {"parent": _memory(os.getpid()), "workers": _worker_memory(loader), "helpers": _helpers()}
         del loader
         return {"samples_per_s": round(rate), "after_10": early, f"after_{BATCHES}": late}
 
@@ -233,7 +253,7 @@ def test_workers(benchmark, stores, workers):
     print(
         f"\n{workers} worker(s): {result['samples_per_s']:,} samples/s over {BATCHES} batches; parent "
         f"{late['parent']}; workers after 10 batches {result['after_10']['workers']}, after {BATCHES} "
-        f"{late['workers']} (MB)"
+        f"{late['workers']}; helper processes {late['helpers']} (MB)"
     )
 
 

@@ -11,7 +11,8 @@ counter-based scheme of :mod:`lxmert_fast.data.randomness`, a pure function of
 ``(seed, epoch, index)``: resume and worker count do not change what is seen.
 
 Loading: :func:`batch_loader` wraps it in a ``DataLoader`` driven by
-:class:`~lxmert_fast.data.pretrain.EpochBatchSampler` (its order, resumption and rank split);
+:class:`~lxmert_fast.data.pretrain.EpochBatchSampler` (its order, resumption and rank split), its workers
+started from a forkserver that imported only this module (:func:`worker_context`);
 :class:`DevicePrefetcher` copies the next batch to the GPU on a side stream while the current one
 trains (a passthrough on the CPU).
 
@@ -23,6 +24,9 @@ long it runs and however big the stores are (the data lives in the page cache, s
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -81,7 +85,9 @@ class PretrainBatches(Dataset):
             raise ValueError(
                 f"{corpus.directory}: built against the feature store {built_on}, not {store.directory}"
             )
-        self.corpus, self.store = corpus, store
+        self.corpus, self._store = corpus, store
+        self.store_directory, self.store_feature_dim = store.directory, store.feature_dim
+        self.store_feature_dtype = store.feature_dtype
         self.max_seq_len = corpus.max_seq_len
         self.num_boxes = num_boxes
         self.word_mask_rate, self.mismatch_rate, self.seed = word_mask_rate, mismatch_rate, seed
@@ -101,6 +107,18 @@ class PretrainBatches(Dataset):
         specs["features"] = (store.feature_dtype, (total, dim))
         self.features = ArrayFiles(store.directory, specs, "feature store")
         self.epoch = 0
+
+    def __getstate__(self) -> dict:
+        # A worker gets no FeatureStore: its index is a dict of every image id (tens of MB of Python
+        # objects at 180k images) and the worker reads rows through ``features``/``images``. It is
+        # reopened from the directory only to name an image in an error (:attr:`store`).
+        return {**self.__dict__, "_store": None}
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            self._store = FeatureStore(self.store_directory)
+        return self._store
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -191,7 +209,7 @@ class PretrainBatches(Dataset):
         if bad.any():
             b = int(np.argmax(bad))
             raise ValueError(
-                f"image {self.store.keys()[image[b]]!r} in {self.store.directory}: expected a positive image "
+                f"image {self.store.keys()[image[b]]!r} in {self.store_directory}: expected a positive image "
                 f"size (boxes are divided by it), got img_h={img_h[b]}, img_w={img_w[b]}"
             )
         batch, n = len(image), self.num_boxes
@@ -205,13 +223,13 @@ class PretrainBatches(Dataset):
         if not finite.all():
             b = int(np.argmax(~finite.all(axis=1)))
             raise ValueError(
-                f"image {self.store.keys()[image[b]]!r} in {self.store.directory}: boxes hold NaN or Inf, "
+                f"image {self.store.keys()[image[b]]!r} in {self.store_directory}: boxes hold NaN or Inf, "
                 "expected finite pixel coordinates"
             )
         size = np.stack([img_w, img_h, img_w, img_h], axis=1).astype(np.float32)[:, None, :]
         pos = np.where(real[..., None], np.clip(boxes / size, 0.0, 1.0), np.float32(0))
-        feats = _empty((batch, n, self.store.feature_dim), self.feature_dtype)
-        if feats.dtype == _TORCH_DTYPES[self.store.feature_dtype]:
+        feats = _empty((batch, n, self.store_feature_dim), self.feature_dtype)
+        if feats.dtype == _TORCH_DTYPES[self.store_feature_dtype]:
             f.take_blocks("features", first, count, out=feats.numpy())
         else:
             feats.numpy()[:] = f.take_blocks("features", first, count, out=_zeros("features", f, batch, n))
@@ -233,17 +251,53 @@ def _zeros(name: str, files: ArrayFiles, batch: int, n: int) -> np.ndarray:
     return np.zeros((batch, n, *shape[1:]), dtype)
 
 
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """The start method :func:`batch_loader` gives its workers: ``forkserver`` where the platform has
+    it (``None``, DataLoader's default, elsewhere).
+
+    A forked worker inherits the whole parent: its resident memory counts every page the parent holds
+    (torch, the model and its kernels, DeepSpeed, the trainer's heap: 300 MB and more before the
+    worker reads a byte), and it grows as the parent's objects are touched. A forkserver worker is
+    forked from a small server process that imported only this module (numpy, torch's shared-memory
+    tensors, the store readers: ``set_forkserver_preload``), so it starts in milliseconds without
+    re-importing torch and holds what the loader needs. The main module is still imported in the
+    worker as multiprocessing always does outside ``fork``: a script must start the loader under
+    ``if __name__ == "__main__":`` and should keep its top level light (``lxmert_fast`` imports its
+    model lazily). The preload list is the process's (``"__main__"``, Python's default, and this
+    module); it applies when the forkserver starts, the first time any code in the process uses it.
+    """
+    global _preload_set
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    if not _preload_set:
+        context.set_forkserver_preload(["__main__", __name__])
+        _preload_set = True
+    return context
+
+
+_preload_set = False
+
+
 def batch_loader(
     dataset: PretrainBatches,
     sampler: EpochBatchSampler,
     num_workers: int = 0,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
-    multiprocessing_context: str | None = None,
+    multiprocessing_context: str | multiprocessing.context.BaseContext | None = None,
 ) -> DataLoader:
     """A ``DataLoader`` over whole batches: ``sampler`` yields each batch's indices, a worker builds the
     batch (``dataset[indices]``), nothing is collated again. Call ``dataset.set_epoch`` and
-    ``sampler.set_epoch(epoch, skip)`` before iterating, as with the per-sample path."""
+    ``sampler.set_epoch(epoch, skip)`` before iterating, as with the per-sample path.
+
+    Workers start through :func:`worker_context` (a forkserver) unless ``multiprocessing_context``
+    names another method (``"fork"``, ``"spawn"``); the batches are the same either way."""
+    if num_workers and multiprocessing_context is None:
+        multiprocessing_context = worker_context()
+        if multiprocessing_context is not None:
+            # Start the server now: it imports torch while the caller sets up, not at the first batch.
+            multiprocessing.forkserver.ensure_running()
     return DataLoader(
         dataset,
         sampler=sampler,

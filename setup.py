@@ -89,6 +89,8 @@ setup(
         "test": [
             "pytest",
             "pytest-benchmark",
+            # README's test command runs the suite in parallel (-n auto --dist loadfile).
+            "pytest-xdist",
             "transformers>=4.40",
             "triton>=3.1",
             "ruff",

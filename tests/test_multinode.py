@@ -101,9 +101,8 @@ def layout_dirs(tmp: Path, layout: str) -> list[tuple[Path, Path]]:
     return [(tmp / f"node{n}" / "data", tmp / f"node{n}" / "out") for n in range(2)]
 
 
-@pytest.mark.parametrize(
-    ("launcher", "layout"), [("deepspeed", "shared"), ("torchrun", "node-local")], ids=lambda v: v
-)
+@pytest.mark.parametrize("layout", ["shared", "node-local"])
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
 def test_two_nodes_train_like_one_node_and_resume_exactly(one_node, tmp_path, launcher, layout):
     dirs = layout_dirs(tmp_path, layout)
     killed = launch(launcher, dirs, "--kill_after_step", "2", tmp=tmp_path)
@@ -172,3 +171,29 @@ def test_a_hung_node_ends_the_job_within_the_collective_timeout(tmp_path):
     assert procs[0].returncode != 0
     assert "Timed out" in err or "timed out" in err, err[-3000:]
     assert elapsed < 200, elapsed
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"LOCAL_WORLD_SIZE": "8"}, 8),  # torchrun
+        ({"LOCAL_SIZE": "4"}, 4),  # DeepSpeed's launcher (it sets no LOCAL_WORLD_SIZE)
+        ({"SLURM_NTASKS_PER_NODE": "2"}, 2),
+        ({"LOCAL_WORLD_SIZE": "8", "LOCAL_SIZE": "4"}, 8),
+        ({}, 1),  # no launcher variable, no process group: this process alone
+    ],
+)
+def test_processes_per_node_come_from_the_launcher(monkeypatch, env, expected):
+    # Issue #16: --cpu_threads' default read only LOCAL_WORLD_SIZE, which DeepSpeed's launcher does
+    # not set, and fell back to the global world size (8 ranks on each of 2 nodes of 64 cores got 3
+    # threads instead of 7).
+    from lxmert_fast.training import dist
+
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert dist.local_world_size() == expected
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert dist.cpu_threads(None, dist.local_world_size()) == max(1, 64 // expected - 1)
+    assert dist.cpu_threads(5, dist.local_world_size()) == 5

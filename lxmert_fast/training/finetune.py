@@ -160,6 +160,19 @@ class FinetuneJob(Job):
                 )
             self.tsvs, self.store_path = feature_sources(args.features.split(","), self.store_dir)
         self.init = args.load or args.load_qa or args.load_finetuned
+        # The flag that named it, for messages.
+        self.init_flag = next(
+            (f"--{f}" for f in ("load", "load_qa", "load_finetuned") if getattr(args, f)), None
+        )
+        self._init_state: dict[str, torch.Tensor] | None = None
+
+    def init_state(self) -> dict[str, torch.Tensor]:
+        """The weights ``self.init`` holds, read once (the config may be inferred from them)."""
+        from lxmert_fast.checkpoint import read_state_dict
+
+        if self._init_state is None:
+            self._init_state = read_state_dict(self.init)
+        return self._init_state
 
     def data_dirs(self) -> list[str]:
         if self.use_synthetic:
@@ -200,10 +213,9 @@ class FinetuneJob(Job):
         if vocab is None and self.init and os.path.isfile(os.path.join(self.init, "vocab.txt")):
             vocab = os.path.join(self.init, "vocab.txt")
         if vocab is None:
-            flag = next((f for f in ("load", "load_qa", "load_finetuned") if getattr(args, f)), None)
             raise SystemExit(
                 "--vocab: required with your data"
-                + (f" (--{flag} {self.init} has no vocab.txt beside it)" if flag else "")
+                + (f" ({self.init_flag} {self.init} has no vocab.txt beside it)" if self.init else "")
                 + ": the WordPiece vocab.txt the model was pre-trained with (BERT's bert-base-uncased for the "
                 "authors' models)"
             )
@@ -247,7 +259,7 @@ class FinetuneJob(Job):
 
     def _config(self):
         from lxmert_fast import pretraining as pt
-        from lxmert_fast.checkpoint import infer_config, read_state_dict, to_hf_names
+        from lxmert_fast.checkpoint import infer_config, to_hf_names
         from lxmert_fast.config import LxmertConfig
 
         if self.init is None:
@@ -259,16 +271,16 @@ class FinetuneJob(Job):
         if config_file and os.path.isfile(config_file):
             config = LxmertConfig.from_json_file(config_file)
         else:
-            config = infer_config(to_hf_names(read_state_dict(self.init)))
-        flag = next(f for f in ("load", "load_qa", "load_finetuned") if getattr(self.args, f))
+            config = infer_config(to_hf_names(self.init_state()))
+        flag = self.init_flag
         if config.visual_feat_dim != self.store.feature_dim:
             raise SystemExit(
-                f"--{flag} {self.init}: the model takes {config.visual_feat_dim}-d RoI features, the feature "
+                f"{flag} {self.init}: the model takes {config.visual_feat_dim}-d RoI features, the feature "
                 f"store {self.paths['store']} holds {self.store.feature_dim}-d ones"
             )
         if config.vocab_size != len(self.tokenizer):
             raise SystemExit(
-                f"--{flag} {self.init}: the model's vocabulary has {config.vocab_size} word pieces, "
+                f"{flag} {self.init}: the model's vocabulary has {config.vocab_size} word pieces, "
                 f"{self.paths['vocab']} has {len(self.tokenizer)}; pass the vocab the model was trained with (--vocab)"
             )
         return config
@@ -297,13 +309,13 @@ class FinetuneJob(Job):
         }
 
     def build_model(self) -> torch.nn.Module:
-        from lxmert_fast.checkpoint import load_state_dict_strict, read_state_dict
+        from lxmert_fast.checkpoint import load_state_dict_strict
         from lxmert_fast.finetune import load_pretrained_qa
 
         args = self.args
         model = self.task.build_model(self.config, self.data.num_labels, self.data.label2ans)
         if args.load:
-            load_state_dict_strict(model, read_state_dict(args.load), backbone_only=True)
+            load_state_dict_strict(model, self.init_state(), backbone_only=True)
         elif args.load_qa:
             try:
                 transfer = load_pretrained_qa(
@@ -313,7 +325,8 @@ class FinetuneJob(Job):
                 raise SystemExit(f"--load_qa {args.load_qa}: {exc}") from None
             print(transfer, flush=True)
         elif args.load_finetuned:
-            load_state_dict_strict(model, read_state_dict(args.load_finetuned))
+            load_state_dict_strict(model, self.init_state())
+        self._init_state = None  # the model holds the weights now
         model.lxmert.check_inputs = False  # checked on the host per batch (check_batch)
         return model
 

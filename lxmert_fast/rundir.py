@@ -163,16 +163,21 @@ def complete_checkpoints(ckpt_dir: str) -> dict[str, dict]:
     return dict(sorted(found.items(), key=lambda kv: kv[1]["step"]))
 
 
+def read_latest(ckpt_dir: str) -> str | None:
+    """The tag ``ckpt_dir/latest`` names ('' if it is empty), None without the file."""
+    try:
+        with open(os.path.join(ckpt_dir, LATEST)) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
 def choose_checkpoint(ckpt_dir: str) -> tuple[str | None, dict | None, str]:
     """The checkpoint to resume from: the one ``latest`` names if complete, else the newest
     complete one. Returns (tag, its run.json, a message saying which and why)."""
     complete = complete_checkpoints(ckpt_dir)
     latest_path = os.path.join(ckpt_dir, LATEST)
-    try:
-        with open(latest_path) as f:
-            latest = f.read().strip()
-    except FileNotFoundError:
-        latest = None
+    latest = read_latest(ckpt_dir)
     if latest and latest in complete:
         return latest, complete[latest], f"--resume: continuing from {os.path.join(ckpt_dir, latest)}"
     if latest is None:
@@ -413,11 +418,7 @@ def open_run(output_dir: str, resume: bool, overwrite: bool, layout: Any = None)
 
 def _checkpoint_view(ckpt_dir: str) -> tuple[str | None, dict[str, list]]:
     """(the tag ``latest`` names, or None; ``{tag: [run_id, step]}`` of the complete checkpoints)."""
-    try:
-        with open(os.path.join(ckpt_dir, LATEST)) as f:
-            latest = f.read().strip() or None
-    except FileNotFoundError:
-        latest = None
+    latest = read_latest(ckpt_dir) or None
     complete = {tag: [m["run_id"], m["step"]] for tag, m in complete_checkpoints(ckpt_dir).items()}
     return latest, complete
 

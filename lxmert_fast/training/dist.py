@@ -20,6 +20,8 @@ import socket
 import uuid
 from dataclasses import dataclass
 
+import torch
+
 LAYOUT_MARKER = ".lxmert_fast_rank0"
 
 
@@ -61,6 +63,21 @@ def init_process_group(cuda: bool, timeout_minutes: float, shm_comm: bool = Fals
         distributed_c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def start_processes(args) -> tuple[bool, int, int, int]:
+    """This process's part of the job, from the run flags: the process group (``--dist_timeout``),
+    its GPU (``--local_rank``) or its CPU threads (``--cpu_threads``). Returns (CUDA?, rank, world
+    size, processes on this node)."""
+    single_process_env()
+    cuda = torch.cuda.is_available()
+    rank, world = init_process_group(cuda, args.dist_timeout, args.shm_comm)
+    local_world = local_world_size()
+    if cuda:
+        torch.cuda.set_device(args.local_rank)
+    else:
+        torch.set_num_threads(cpu_threads(args.cpu_threads, local_world))
+    return cuda, rank, world, local_world
 
 
 def _env_int(*names: str) -> int | None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lxmert_fast.training import flags
-from lxmert_fast.training.loop import Job, StepResult, run, zero3_inputs
+from lxmert_fast.training.loop import Job, StepResult, run, set_up, zero3_inputs
 
 TASK_NAMES = ("vqa", "gqa", "nlvr2")
 DEFAULTS = flags.JobDefaults(
@@ -425,23 +425,10 @@ def evaluate_only(job: FinetuneJob, args: argparse.Namespace) -> None:
     from lxmert_fast import atomic
     from lxmert_fast.training import dist as rdist
 
-    rdist.single_process_env()
-    cuda = torch.cuda.is_available()
-    rank, world = rdist.init_process_group(cuda, args.dist_timeout, args.shm_comm)
-    if cuda:
-        torch.cuda.set_device(args.local_rank)
-    else:
-        torch.set_num_threads(rdist.cpu_threads(args.cpu_threads, rdist.local_world_size()))
+    cuda, rank, world, _ = rdist.start_processes(args)
     layout = rdist.detect_layout(args.storage, args.output_dir, job.data_dirs())
-    job.cuda, job.rank, job.world, job.layout = cuda, rank, world, layout
-    job.micro = (
-        args.micro_batch
-        or flags.ds_config(args, cuda, world, args.default_config)["train_micro_batch_size_per_gpu"]
-    )
-    if layout.data_preparer:
-        job.prepare_data()
-    dist.barrier()
-    job.setup()
+    micro = flags.ds_config(args, cuda, world, args.default_config)["train_micro_batch_size_per_gpu"]
+    set_up(job, cuda, rank, world, micro, layout)
     model = job.build_model().to("cuda" if cuda else "cpu").eval()
 
     class Engine:  # what FinetuneJob.forward needs of a DeepSpeed engine

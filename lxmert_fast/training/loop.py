@@ -124,11 +124,24 @@ def zero3_inputs(inputs: dict[str, Any], names: Iterable[str]) -> dict[str, Any]
     return inputs
 
 
+def set_up(job: Job, cuda: bool, rank: int, world: int, micro: int, layout: rdist.Layout) -> None:
+    """Give ``job`` its place in the job, prepare the data on the ranks that own a data disk (the
+    others wait at a barrier, within --dist_timeout) and let every rank open it (``job.setup``)."""
+    import torch.distributed as dist
+
+    job.cuda, job.rank, job.world, job.micro, job.layout = cuda, rank, world, micro, layout
+    job.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if layout.data_preparer:
+        job.prepare_data()
+    dist.barrier()
+    job.setup()
+
+
 def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
     """Train ``job`` as ``args`` say; ``default_config`` is the DeepSpeed JSON without
     --deepspeed_config. Ends the process (``os._exit``) once everything is written."""
     use_tb, tb_note = flags.tensorboard_choice(args.tensorboard, flags.tensorboard_installed())
-    rdist.single_process_env()
+    cuda, rank, world, local_world = rdist.start_processes(args)
     import deepspeed
     import torch.distributed as dist
 
@@ -137,13 +150,6 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
     from lxmert_fast import pretraining as pt
     from lxmert_fast.metrics import RunningMetrics, bf16_peak_flops
 
-    cuda = torch.cuda.is_available()
-    rank, world = rdist.init_process_group(cuda, args.dist_timeout, args.shm_comm)
-    local_world = rdist.local_world_size()
-    if cuda:
-        torch.cuda.set_device(args.local_rank)
-    else:
-        torch.set_num_threads(rdist.cpu_threads(args.cpu_threads, local_world))
     layout = rdist.detect_layout(args.storage, args.output_dir, job.data_dirs())
     # Before anything is written: lock OUTPUT, refuse another run's state, pick the checkpoint.
     run_dir = rundir.open_run(args.output_dir, resume=args.resume, overwrite=args.overwrite, layout=layout)
@@ -152,13 +158,7 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
         # Every node writes its own model-state files, not only global rank 0's node.
         config.setdefault("checkpoint", {})["use_node_local_storage"] = True
     micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
-    job.cuda, job.rank, job.world, job.micro, job.layout = cuda, rank, world, micro, layout
-    job.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-
-    if layout.data_preparer:
-        job.prepare_data()
-    dist.barrier()
-    job.setup()
+    set_up(job, cuda, rank, world, micro, layout)
     from lxmert_fast.data import EpochBatchSampler
 
     sampler = EpochBatchSampler(job.train_size, micro, rank, world, seed=args.seed)

@@ -96,12 +96,19 @@ def test_kill_after_checkpoint_and_resume_is_exact(data_dir, tmp_path):
     full, broken = tmp_path / "full", tmp_path / "broken"
     steps = ["--max_steps", "6", "--save_every", "3", "--eval_every", "0", "--no_export"]
     run_train(data_dir, full, *steps)
-    killed = run_train(data_dir, broken, *steps, "--kill_after_step", "3", check=False)
+    killed = run_train(data_dir, broken, *steps, "--kill_after_step", "3", "--per_rank_log", check=False)
     assert killed.returncode != 0  # SIGKILL right after the step-3 checkpoint
     assert [r["step"] for r in read_log(broken)[0]] == [1, 2, 3]
-    run_train(data_dir, broken, *steps, "--resume")
+    # A record written after the checkpoint (a crash between steps): dropped and recomputed on
+    # resume, in the per-rank log as in log.jsonl.
+    with open(broken / "log.rank0.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "rank": 0, "loss": 0.0}) + "\n")
+    run_train(data_dir, broken, *steps, "--resume", "--per_rank_log")
     want, got = read_log(full)[0], read_log(broken)[0]
     assert [r["step"] for r in got] == list(range(1, 7))
+    own = [json.loads(line) for line in (broken / "log.rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in own] == list(range(1, 7))
+    assert [r["loss"] for r in own] == [r["loss"] for r in got]  # one process: its own values
     for a, b in zip(want, got, strict=True):
         assert {k: a[k] for k in (*LOSS_KEYS, "lr")} == {k: b[k] for k in (*LOSS_KEYS, "lr")}, a["step"]
 

@@ -250,6 +250,10 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
             group["lr"] = value
         scheduler._last_lr = resumed
     step = micro_step // accum
+    own_log = os.path.join(args.output_dir, f"log.rank{rank}.jsonl") if args.per_rank_log else None
+    if own_log is not None:
+        # As log.jsonl (rundir.open_run): the records after the resumed step are recomputed.
+        rundir.trim_log(own_log, step)
     log = open(os.path.join(args.output_dir, rundir.LOG_NAME), "a") if rank == 0 else None  # noqa: SIM115
     tb = None
     if rank == 0:
@@ -337,12 +341,11 @@ def run(job: Job, args: argparse.Namespace, default_config: str) -> None:
                 rate = window_samples / max(time.time() - window_start, 1e-9)
                 tflops = rate * flops_per_sample / 1e12
                 nonfinite = metrics.first_nonfinite()
-                own: dict[str, float] | None = {} if args.per_rank_log else None
+                own: dict[str, float] | None = {} if own_log else None
                 values = metrics.read(all_ranks=world > 1, own=own)
-                if own is not None:
+                if own_log is not None:
                     # This rank's own window, beside the global one (on request: --per_rank_log).
-                    path = os.path.join(args.output_dir, f"log.rank{rank}.jsonl")
-                    with atomic.reporting_disk_full(path), open(path, "a") as f:
+                    with atomic.reporting_disk_full(own_log), open(own_log, "a") as f:
                         f.write(json.dumps({"step": step, "rank": rank, **own}) + "\n")
                 record = {
                     "step": step,
